@@ -1,0 +1,215 @@
+"""`merge` stage: SLERP or linear merge of two same-shape children, optionally picking t on a grid.
+
+Paper: arXiv 2410.09982 §5 merges children distilled on different data with SLERP. Beyond the paper,
+`t_grid` merges at several t, scores each with the evaluate stage and keeps the best.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from selfdistill.config import opt, to_dict
+from selfdistill.errors import UserError
+from selfdistill.merge.linear import lerp
+from selfdistill.merge.slerp import slerp
+from selfdistill.rundir import atomic_dir, atomic_write_json, write_manifest
+
+log = logging.getLogger(__name__)
+
+METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {"slerp": slerp, "linear": lerp}
+
+# Config entries that may differ between two mergeable children (bookkeeping, not shape).
+_IGNORED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "pruned", "removed",
+                        "selfdistill")
+
+Scorer = Callable[[Path], float]
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    models: list[str] = opt([], "the two models to merge: A (t = 0) and B (t = 1)")
+    method: str = opt("slerp", "merge method: slerp or linear")
+    t: float = opt(0.5, "interpolation factor in [0, 1]: 0 gives A, 1 gives B")
+    t_groups: list[str] = opt([], "per-tensor-group t as NAME_SUBSTRING=T, first match wins (e.g. self_attn=0.3 mlp=0.7)")
+    t_grid: list[float] = opt([], "merge at each t, evaluate, keep the best (e.g. 0.25,0.5,0.75); overrides t")
+    eval_preset: str = opt("cpu", "evaluate preset used to score the t grid")
+    dtype: str = opt("float32", "dtype to load, merge and save in: float32 or bfloat16")
+    out: Path = opt(Path("merged"), "output model folder")
+
+    def __post_init__(self) -> None:
+        if len(self.models) != 2:
+            raise ValueError(f"models: give exactly two models to merge, got {len(self.models)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown '{self.method}' (choose from {', '.join(METHODS)})")
+        for name, value in [("t", self.t), *[(f"t_grid[{i}]", v) for i, v in enumerate(self.t_grid)]]:
+            _check_t(name, value)
+        parse_t_groups(self.t_groups)
+
+
+def _check_t(name: str, value: float) -> None:
+    if not (0.0 <= value <= 1.0) or math.isnan(value):
+        raise ValueError(f"{name} = {value} is outside [0, 1]")
+
+
+def parse_t_groups(items: list[str]) -> list[tuple[str, float]]:
+    """['self_attn=0.3', 'mlp=0.7'] -> [('self_attn', 0.3), ('mlp', 0.7)]."""
+    groups = []
+    for item in items:
+        pattern, sep, raw = item.partition("=")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not sep or not pattern or math.isnan(value):
+            raise ValueError(f"t_groups: '{item}' must look like NAME_SUBSTRING=T (e.g. mlp=0.7)")
+        _check_t(f"t_groups '{pattern}'", value)
+        groups.append((pattern, value))
+    return groups
+
+
+def t_for(name: str, t: float, groups: list[tuple[str, float]]) -> float:
+    """The t of the first group whose substring occurs in the tensor name, else the default t."""
+    return next((value for pattern, value in groups if pattern in name), t)
+
+
+def check_compatible(a: Any, b: Any, names: tuple[str, str]) -> None:
+    """Refuse to merge models of different architecture, shape or vocabulary (one-line error)."""
+    if type(a) is not type(b):
+        raise UserError(f"cannot merge {names[0]} ({type(a).__name__}) with {names[1]} ({type(b).__name__}): "
+                        "different architectures")
+    ca, cb = a.config.to_dict(), b.config.to_dict()
+    for key in sorted(k for k in set(ca) | set(cb) if not k.startswith(_IGNORED_CONFIG_KEYS)):
+        if ca.get(key) != cb.get(key):
+            raise UserError(f"cannot merge {names[0]} with {names[1]}: config '{key}' differs "
+                            f"({ca.get(key)!r} vs {cb.get(key)!r})")
+    sa, sb = a.state_dict(), b.state_dict()
+    for key in sorted(set(sa) ^ set(sb)):
+        raise UserError(f"cannot merge {names[0]} with {names[1]}: tensor '{key}' exists in only one of them")
+    for key, tensor in sa.items():
+        if tensor.shape != sb[key].shape:
+            raise UserError(f"cannot merge {names[0]} with {names[1]}: tensor '{key}' has shape "
+                            f"{tuple(tensor.shape)} vs {tuple(sb[key].shape)}")
+
+
+def merge_state(a: Any, b: Any, method: str, t: float, groups: list[tuple[str, float]] = ()) -> dict[str, torch.Tensor]:
+    """Merged state dict of two compatible models; tied tensors stay tied because they merge identically."""
+    fn = METHODS[method]
+    sa, sb = a.state_dict(), b.state_dict()
+    merged = {}
+    for key in tqdm(sa, desc=f"{method} t={t}", leave=False, disable=len(sa) < 50):
+        pa, pb = sa[key], sb[key]
+        if not torch.is_floating_point(pa):  # integer buffers cannot be interpolated; they must agree
+            if not torch.equal(pa, pb):
+                raise UserError(f"cannot merge: integer tensor '{key}' differs between the two models")
+            merged[key] = pa.clone()
+        else:
+            merged[key] = fn(pa, pb, t_for(key, t, list(groups)))
+    return merged
+
+
+def _load_pair(cfg: MergeConfig) -> tuple[Any, Any, Any]:
+    from selfdistill.models import load_model
+
+    a, tok_a = load_model(cfg.models[0], dtype=cfg.dtype)
+    b, tok_b = load_model(cfg.models[1], dtype=cfg.dtype)
+    check_compatible(a, b, (cfg.models[0], cfg.models[1]))
+    if tok_a is not None and tok_b is not None and tok_a.get_vocab() != tok_b.get_vocab():
+        raise UserError(f"cannot merge {cfg.models[0]} with {cfg.models[1]}: their tokenizers differ")
+    return a, b, tok_a
+
+
+def _write_merged(a: Any, b: Any, tok: Any, cfg: MergeConfig, t: float, folder: Path) -> None:
+    """Merge into a copy of A's module (same config, same tying) and save it as a plain HF folder."""
+    import copy
+
+    from selfdistill.models import write_model
+
+    groups = parse_t_groups(cfg.t_groups)
+    child = copy.deepcopy(a)
+    child.load_state_dict(merge_state(a, b, cfg.method, t, groups))
+    card = {"title": f"{cfg.method} merge (t = {t})", "merge_method": cfg.method, "parents": list(cfg.models),
+            "t": t, "t_groups": dict(groups), "merged_by": "selfdistill merge"}
+    child.config.selfdistill = {"merged_from": list(cfg.models), "merge_method": cfg.method, "t": t,
+                                "t_groups": dict(groups)}
+    write_model(child, tok, folder, card)
+
+
+def default_scorer(preset: str) -> Scorer:
+    """Score a model folder with the evaluate stage (imported lazily: it is optional for plain merges)."""
+
+    def score(model_dir: Path) -> float:
+        try:
+            from selfdistill.evaluate import EvalConfig, evaluate
+        except ImportError as e:
+            raise UserError(f"merge --t-grid needs the evaluate stage, which cannot be imported ({e})") from None
+        with tempfile.TemporaryDirectory(prefix="merge-eval-") as tmp:
+            try:
+                result = evaluate(EvalConfig(models=[str(model_dir)], preset=preset, out=Path(tmp)))
+            except TypeError as e:
+                raise UserError(f"merge --t-grid: the evaluate stage rejected our call ({e})") from None
+        return _mean_score(result)
+
+    return score
+
+
+def _mean_score(result: dict[str, Any]) -> float:
+    """Find the model's mean score in evaluate's result, whichever of the usual shapes it has."""
+    for key in ("mean", "average", "score"):
+        if isinstance(result.get(key), (int, float)):
+            return float(result[key])
+    models = result.get("models")
+    if isinstance(models, list) and models and isinstance(models[0], dict):
+        return _mean_score(models[0])
+    if isinstance(models, dict) and models:
+        return _mean_score(next(iter(models.values())))
+    raise UserError(f"merge --t-grid: cannot find a mean score in evaluate's result (keys: {sorted(result)})")
+
+
+def merge(cfg: MergeConfig, scorer: Scorer | None = None) -> dict[str, Any]:
+    """Merge `cfg.models` into `cfg.out` (HF folder + card + manifest.json last); grid-search t if asked."""
+    started = time.time()
+    a, b, tok = _load_pair(cfg)
+    inputs = {f"model_{i}": m for i, m in enumerate(cfg.models) if Path(m).exists()}
+    with atomic_dir(cfg.out) as tmp:
+        if cfg.t_grid:
+            best_t, scores = _grid(a, b, tok, cfg, tmp, scorer or default_scorer(cfg.eval_preset))
+            atomic_write_json(tmp / "grid.json", {"scores": scores, "best_t": best_t, "preset": cfg.eval_preset})
+        else:
+            best_t, scores = cfg.t, {}
+            _write_merged(a, b, tok, cfg, cfg.t, tmp)
+        write_manifest(tmp, config=to_dict(cfg), inputs=inputs, started=started,
+                       extra={"t": best_t, "grid_scores": scores})
+    log.info("merged %s + %s (%s, t = %s) into %s", *cfg.models, cfg.method, best_t, cfg.out)
+    return {"out": str(cfg.out), "method": cfg.method, "t": best_t, "t_groups": list(cfg.t_groups),
+            "grid_scores": scores}
+
+
+def _grid(a: Any, b: Any, tok: Any, cfg: MergeConfig, final: Path, scorer: Scorer) -> tuple[float, dict[str, float]]:
+    """Merge at each t into a scratch folder, score it, and move the best one's files into `final`."""
+    scores: dict[str, float] = {}
+    best: tuple[float, float] | None = None
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".merge-grid-") as scratch:
+        for t in cfg.t_grid:
+            folder = Path(scratch) / f"t{t}"
+            folder.mkdir()
+            _write_merged(a, b, tok, cfg, t, folder)
+            score = float(scorer(folder))
+            scores[str(t)] = score
+            log.info("t = %s: score %.4f", t, score)
+            if best is None or score > best[1]:
+                best = (t, score)
+        assert best is not None
+        for f in (Path(scratch) / f"t{best[0]}").iterdir():
+            shutil.move(str(f), final / f.name)
+    return best[0], scores
