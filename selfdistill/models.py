@@ -152,13 +152,19 @@ def _refuse_pickle(source: str, allow_pickle: bool) -> None:
 def save_model(model: Any, tokenizer: Any, out: str | Path, card: dict[str, Any] | None = None) -> Path:
     """Write a standard HF folder (safetensors, config, tokenizer, generation config, model card)."""
     out = Path(out)
-    drop_quantization(model)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        atomic_write_text(tmp / "README.md", model_card(model, card or {}))
+        write_model(model, tokenizer, tmp, card)
     return out
+
+
+def write_model(model: Any, tokenizer: Any, folder: str | Path, card: dict[str, Any] | None = None) -> None:
+    """Write the model files into an existing folder (callers that add files use `atomic_dir` around it)."""
+    folder = Path(folder)
+    drop_quantization(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    atomic_write_text(folder / "README.md", model_card(model, card or {}))
 
 
 def model_card(model: Any, card: dict[str, Any]) -> str:
