@@ -1,0 +1,181 @@
+"""`speculate` stage: pruned children as speculative drafts of their parent (greedy, lossless).
+
+Paper: arXiv 2410.09982 §6 (and SD², arXiv 2504.08838, for mean accepted length). For each draft we run our
+own draft-then-verify loop (exact vLLM-named statistics, output checked against the target's greedy output on
+every prompt) and time the target alone, our loop and transformers' assisted generation on the same prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from selfdistill.config import opt
+from selfdistill.errors import UserError
+from selfdistill.models import DEFAULT_MODEL
+from selfdistill.rundir import atomic_write_json, atomic_write_text
+from selfdistill.speculative.loop import ModelRunner, SpecStats, speculative_generate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeculateConfig:
+    target: str = opt(DEFAULT_MODEL, "the target (parent) model")
+    draft: list[str] = opt([], "one or more draft (child) models; each must share the target's tokenizer")
+    prompts: str = opt("", "data file (or hub dataset) whose prompts are decoded")
+    recipe: str | None = opt(None, "dataset recipe (gsm8k, dolly, alpaca, ...); detected from the rows if unset")
+    k: int = opt(4, "draft tokens proposed per verify step")
+    limit: int = opt(32, "number of prompts")
+    offset: int = opt(0, "skip this many prompts first")
+    max_new_tokens: int = opt(128, "new tokens per prompt (generation also stops at EOS)")
+    dtype: str = opt("float32", "model dtype: float32 (exact ties are rarer) or bfloat16")
+    device: str = opt("cpu", "device: cpu, cuda or auto")
+    hf_assisted: bool = opt(True, "also time transformers' assisted generation (assistant_model=)")
+    out: Path | None = opt(None, "JSON file for the results (a Markdown table is written beside it)")
+
+    def __post_init__(self) -> None:
+        if not self.draft:
+            raise ValueError("draft: give at least one draft model (--draft CHILD)")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.prompts:
+            raise ValueError("prompts: give a data file with prompts (--prompts FILE)")
+
+
+def load_prompts(cfg: SpeculateConfig, tok: Any) -> list[list[int]]:
+    """Prompt turns rendered with the chat template (generation prompt added), as token ids."""
+    from selfdistill.data import load_examples
+
+    examples = load_examples(cfg.prompts, cfg.recipe, limit=cfg.limit, offset=cfg.offset)
+    prompts = []
+    for ex in examples:
+        if ex.kind == "text" or not getattr(tok, "chat_template", None):
+            text = ex.instruction if ex.kind != "text" else ex.reference
+            ids = tok(text, add_special_tokens=True)["input_ids"]
+        else:
+            ids = tok.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        if len(ids) == 0:
+            raise UserError(f"{ex.source}: the prompt renders to no tokens")
+        prompts.append(list(ids))
+    return prompts
+
+
+def eos_ids(tok: Any, model: Any) -> set[int]:
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids |= set(extra) if isinstance(extra, list) else ({extra} if extra is not None else set())
+    return ids
+
+
+def _hf_generate(model: Any, prompt: list[int], cfg: SpeculateConfig, eos: set[int], pad: int,
+                 assistant: Any = None) -> list[int]:
+    """transformers' greedy generate (plain or assisted); returns the new tokens."""
+    ids = torch.tensor([prompt], device=model.device)
+    kwargs: dict[str, Any] = {}
+    if assistant is not None:
+        # A fixed k, no confidence early-exit, so the comparison with our loop is like for like.
+        gc = assistant.generation_config
+        gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = cfg.k, "constant"
+        gc.assistant_confidence_threshold = 0.0
+        kwargs["assistant_model"] = assistant
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None,
+                             eos_token_id=sorted(eos), pad_token_id=pad, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def _timed(fn: Any, items: list[Any], desc: str) -> tuple[list[Any], float]:
+    results, start = [], time.perf_counter()
+    for item in tqdm(items, desc=desc, leave=False):
+        results.append(fn(item))
+    return results, time.perf_counter() - start
+
+
+def _check_tokenizer(name: str, tok: Any, target_tok: Any, target: str) -> None:
+    if tok.get_vocab() != target_tok.get_vocab():
+        raise UserError(f"draft '{name}' has a different tokenizer than target '{target}' "
+                        "(speculative decoding needs the same vocabulary)")
+
+
+def _run_draft(name: str, target: Any, prompts: list[list[int]], reference: list[list[int]], t_alone: float,
+               cfg: SpeculateConfig, eos: set[int], pad: int, target_tok: Any) -> dict[str, Any]:
+    from selfdistill.models import load_model
+
+    draft, tok = load_model(name, dtype=cfg.dtype, device=target.device.type)
+    _check_tokenizer(name, tok, target_tok, cfg.target)
+    total = SpecStats(k=cfg.k)
+
+    def ours(prompt: list[int]) -> list[int]:
+        tokens, stats = speculative_generate(ModelRunner(target), ModelRunner(draft), prompt, cfg.k,
+                                             cfg.max_new_tokens, eos)
+        total.add(stats)
+        return tokens
+
+    speculative_generate(ModelRunner(target), ModelRunner(draft), prompts[0][:8], cfg.k, 2, eos)  # warm-up
+    outputs, t_loop = _timed(ours, prompts, f"speculate {Path(name).name}")
+    mismatches = [i for i, (a, b) in enumerate(zip(outputs, reference)) if a != b]
+    row: dict[str, Any] = {"draft": name, "layers": draft.config.num_hidden_layers, **total.summary(),
+                           "lossless": not mismatches, "mismatched_prompts": mismatches,
+                           "time_target_alone_s": t_alone, "time_ours_s": t_loop, "speedup_ours": t_alone / t_loop}
+    if cfg.hf_assisted:
+        hf_out, t_hf = _timed(lambda p: _hf_generate(target, p, cfg, eos, pad, assistant=draft), prompts,
+                              f"assisted {Path(name).name}")
+        row.update(time_hf_assisted_s=t_hf, speedup_hf_assisted=t_alone / t_hf,
+                   hf_assisted_matches_target=sum(a == b for a, b in zip(hf_out, reference)))
+    if mismatches:
+        log.error("draft %s: our output differs from the target's greedy output on prompts %s", name, mismatches)
+    return row
+
+
+def speculate(cfg: SpeculateConfig) -> dict[str, Any]:
+    """Compare each draft against the target on the same prompts; write `cfg.out` (JSON) and a table."""
+    from selfdistill.models import load_model, resolve_device
+
+    cfg_device = resolve_device(cfg.device)
+    target, tok = load_model(cfg.target, dtype=cfg.dtype, device=cfg_device)
+    prompts = load_prompts(cfg, tok)
+    eos, pad = eos_ids(tok, target), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    _hf_generate(target, prompts[0][:8], replace(cfg, max_new_tokens=2), eos, pad)  # warm-up, not timed
+    reference, t_alone = _timed(lambda p: _hf_generate(target, p, cfg, eos, pad), prompts, "target alone")
+    rows = [_run_draft(name, target, prompts, reference, t_alone, cfg, eos, pad, tok) for name in cfg.draft]
+    result = {"target": cfg.target, "k": cfg.k, "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
+              "dtype": cfg.dtype, "device": cfg_device, "target_tokens": sum(map(len, reference)),
+              "time_target_alone_s": t_alone, "drafts": rows}
+    if cfg.out is not None:
+        atomic_write_json(cfg.out, result)
+        atomic_write_text(Path(cfg.out).with_suffix(".md"), table(result))
+    bad = [r["draft"] for r in rows if not r["lossless"]]
+    if bad:
+        raise UserError(f"speculative output differs from the target's greedy output for draft(s) {', '.join(bad)}"
+                        + (f" (details in {cfg.out})" if cfg.out else ""))
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """One Markdown row per draft."""
+    lines = [f"Target `{result['target']}`, k = {result['k']}, {result['prompts']} prompts, "
+             f"{result['target_tokens']} target tokens, target alone {result['time_target_alone_s']:.1f} s.", "",
+             "| draft | layers | acceptance rate | MAL | per position | target passes | ours (s) | speed-up | "
+             "HF assisted (s) | speed-up | lossless |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["drafts"]:
+        pos = " ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
+        hf = (f"{r['time_hf_assisted_s']:.1f} | {r['speedup_hf_assisted']:.2f}×" if "time_hf_assisted_s" in r
+              else "– | –")
+        lines.append(f"| {r['draft']} | {r['layers']} | {r['draft_acceptance_rate']:.3f} | "
+                     f"{r['mean_acceptance_length']:.2f} | {pos} | {r['target_forward_passes']} | "
+                     f"{r['time_ours_s']:.1f} | {r['speedup_ours']:.2f}× | {hf} | {'yes' if r['lossless'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
