@@ -1,0 +1,206 @@
+"""Stage `evaluate`: lm-evaluation-harness scores for parent and children, retention, drift.
+
+Every model runs under identical, recorded settings (preset tasks, shots, seeded subsets, batch
+size, dtype, chat template); the parent's scores are cached by model hash + settings. Retention
+follows PAPER.md §4 (arXiv 2410.09982); see docs/evaluate.md for presets and the scores.json schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from selfdistill.config import opt, to_dict
+from selfdistill.errors import UserError
+from selfdistill.evaluate.drift import drift
+from selfdistill.evaluate.presets import PRESETS, TASKS_DIR, TaskSpec, check_data_dir, select_tasks
+from selfdistill.evaluate.retention import paired_bootstrap, per_doc, retention, signal_tasks, task_score
+
+__all__ = ["EvalConfig", "evaluate", "drift", "PRESETS"]
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    model: list[str] = opt([], "models to evaluate: alias, local HF folder, .gguf or hub id")
+    baseline: str = opt("", "the parent: evaluated too (cached) and the denominator of retention")
+    preset: Literal["openllm-v1", "openllm-v1-local", "cpu"] = opt("cpu", "task suite (docs/evaluate.md)")
+    tasks: list[str] = opt([], "only these tasks of the preset (short names, e.g. arc_easy gsm8k)")
+    limit: int | None = opt(None, "items per task (seeded subset for local presets; first N for openllm-v1)")
+    data_dir: str = opt("", "offline data (default: $SELFDISTILL_DATA_DIR, else ../shared/data)")
+    batch_size: int = opt(16, "lm-eval batch size")
+    dtype: str = opt("auto", "float32 | bfloat16 | float16 | auto (bf16 on CPUs with avx512_bf16)")
+    device: str = opt("auto", "cpu | cuda | auto")
+    seed: int = opt(1234, "subset, few-shot and harness seed")
+    apply_chat_template: bool = opt(False, "wrap prompts in the model's chat template (docs/evaluate.md)")
+    max_gen_toks: int = opt(0, "generation cap for GSM8K (0: lm-eval's default 256)")
+    backend: Literal["hf", "vllm"] = opt("hf", "hf: HFLM around our loaded model; vllm: lm-eval's vLLM backend")
+    bootstrap_iters: int = opt(2000, "paired bootstrap draws for retention differences")
+    cache: bool = opt(True, "reuse cached scores of a model with the same hash and settings")
+    out: str = opt("runs/evaluate", "output folder")
+
+    def __post_init__(self) -> None:
+        if not self.model and not self.baseline:
+            raise ValueError("give at least one --model (and usually --baseline)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+def default_data_dir(value: str = "") -> Path | None:
+    if value:
+        return Path(value).expanduser().resolve()
+    if os.environ.get("SELFDISTILL_DATA_DIR"):
+        return Path(os.environ["SELFDISTILL_DATA_DIR"]).expanduser().resolve()
+    guess = Path.cwd().parent / "shared" / "data"
+    return guess.resolve() if guess.is_dir() else None
+
+
+def model_label(name: str, taken: set[str]) -> str:
+    """A file-safe, unique label for results/<label>.json."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name.rstrip("/")).name or name) or "model"
+    label, k = base, 2
+    while label in taken:
+        label, k = f"{base}-{k}", k + 1
+    taken.add(label)
+    return label
+
+
+def _settings(cfg: EvalConfig, specs: dict[str, TaskSpec], dtype: str) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    from selfdistill.rundir import hash_path
+
+    return {"harness": f"lm_eval {version('lm_eval')}", "preset": cfg.preset, "limit": cfg.limit,
+            "seed": cfg.seed, "batch_size": cfg.batch_size, "dtype": dtype,
+            "apply_chat_template": cfg.apply_chat_template, "max_gen_toks": cfg.max_gen_toks or 256,
+            "backend": cfg.backend, "task_files_sha256": hash_path(TASKS_DIR),
+            "tasks": {k: dataclasses.asdict(s) | {"files": list(s.files)} for k, s in specs.items()}}
+
+
+def _evaluate_one(name: str, path: str, cfg: EvalConfig, settings: dict[str, Any], tasks: Any,
+                  device: str) -> tuple[dict[str, Any] | None, bool]:
+    """lm-eval's output for one model, from the cache when the model hash + settings match."""
+    import json
+
+    from selfdistill.evaluate.runner import cache_key, load_tasks, make_lm, run_tasks
+    from selfdistill.models import cache_dir
+    from selfdistill.rundir import atomic_write_json, hash_path
+
+    model_hash = hash_path(path) or path
+    cached = cache_dir() / "eval" / f"{cache_key(model_hash, settings)}.json"
+    if cfg.cache and cached.is_file():
+        log.info("%s: cached scores %s", name, cached)
+        return json.loads(cached.read_text(encoding="utf-8")), True
+    lm = make_lm(name, path, backend=cfg.backend, dtype=settings["dtype"], device=device,
+                 batch_size=cfg.batch_size, max_length=None)
+    t0 = time.time()
+    if tasks["objs"] is None:  # built on first use, so a fully cached call never builds them
+        tasks["objs"], tasks["samples"] = load_tasks(tasks["specs"], tasks["tm"], limit=cfg.limit, seed=cfg.seed)
+    res = run_tasks(lm, tasks["objs"], tasks["samples"], tasks["tm"], limit=cfg.limit, seed=cfg.seed,
+                    apply_chat_template=cfg.apply_chat_template, max_gen_toks=cfg.max_gen_toks or None)
+    if res is None:  # a non-zero rank under accelerate launch
+        return None, False
+    res["selfdistill"] = {"model": name, "path": path, "model_sha256": model_hash, "wall_time_s": time.time() - t0,
+                          "settings": settings}
+    if cfg.cache:
+        atomic_write_json(cached, res)
+    return res, False
+
+
+def _task_samples(res: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    """Logged samples of a task, or of all leaves of a group (hub mmlu), doc ids made unique per leaf."""
+    samples = res.get("samples", {})
+    if task in samples:
+        return samples[task]
+    out = []
+    for leaf in res.get("group_subtasks", {}).get(task, []):
+        for s in _task_samples(res, leaf):
+            out.append(s | {"doc_id": f"{leaf}/{s['doc_id']}"})
+    return out
+
+
+def score_models(raw: dict[str, dict[str, Any]], specs: dict[str, TaskSpec], baseline: str | None,
+                 bootstrap_iters: int, seed: int) -> dict[str, Any]:
+    """scores.json body (without settings): per-model task scores, retention, pairwise intervals."""
+    models: dict[str, Any] = {}
+    docs: dict[str, dict[str, dict[Any, float]]] = {}
+    for name, res in raw.items():
+        tasks = {t: task_score(_task_samples(res, s.task), s.metric) for t, s in specs.items()}
+        docs[name] = {t: per_doc(_task_samples(res, s.task), s.metric) for t, s in specs.items()}
+        vals = [v["value"] for v in tasks.values()]
+        models[name] = {"tasks": tasks, "average": sum(vals) / len(vals) if vals else float("nan")}
+    out: dict[str, Any] = {"models": models, "tasks": list(specs), "baseline": baseline, "pairwise": []}
+    if baseline is None:
+        return out
+    parent = models[baseline]["tasks"]
+    signal = signal_tasks(parent)
+    out["chance_tasks"] = [t for t in specs if t not in signal]
+    out["signal_tasks"] = signal
+    for name, m in models.items():
+        full, sig = retention(m["tasks"], parent), retention(m["tasks"], parent, signal)
+        m.update(retention=full["retention"], chance_corrected_retention=full["chance_corrected_retention"],
+                 per_task_ratio=full["per_task_ratio"], per_task_chance_corrected=full["per_task_chance_corrected"],
+                 retention_signal=sig["retention"], chance_corrected_retention_signal=sig["chance_corrected_retention"])
+    children = [n for n in models if n != baseline]
+    for a, b in itertools.combinations(children, 2):
+        for which, tasks in (("all", list(specs)), ("signal", signal)):
+            pick = lambda d: {t: d[t] for t in tasks}  # noqa: E731
+            ci = paired_bootstrap(pick(docs[a]), pick(docs[b]), pick(docs[baseline]), iters=bootstrap_iters, seed=seed)
+            out["pairwise"].append({"a": a, "b": b, "over": which, **ci})
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate `cfg.baseline` and every `cfg.model`; write results/, scores.json/.md/.png, manifest.json."""
+    from selfdistill.evaluate.outputs import bar_chart, write_markdown
+    from selfdistill.evaluate.runner import task_manager
+    from selfdistill.models import resolve_device, resolve_dtype, resolve_model
+    from selfdistill.rundir import atomic_write_json, write_manifest
+
+    started = time.time()
+    specs = select_tasks(cfg.preset, cfg.tasks)
+    data_dir = default_data_dir(cfg.data_dir)
+    check_data_dir(data_dir, specs)
+    if all(s.local for s in specs.values()):  # local tasks never need the hub; fail fast instead of hanging
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    names = list(dict.fromkeys(([cfg.baseline] if cfg.baseline else []) + list(cfg.model)))
+    paths = {n: resolve_model(n) for n in names}  # fails early, naming the model
+    device = resolve_device(cfg.device)
+    settings = _settings(cfg, specs, resolve_dtype(cfg.dtype, device))
+    tasks = {"specs": specs, "tm": task_manager(specs, data_dir), "objs": None, "samples": None}
+    out = Path(cfg.out)
+    labels: set[str] = set()
+    raw: dict[str, dict[str, Any]] = {}
+    for name in names:
+        res, cached = _evaluate_one(name, paths[name], cfg, settings, tasks, device)
+        if res is None:
+            continue
+        atomic_write_json(out / "results" / f"{model_label(name, labels)}.json", res)
+        raw[name] = res
+        log.info("%s: done (%s)", name, "cached" if cached else f"{res['selfdistill']['wall_time_s']:.0f} s")
+    if not raw:  # non-zero ranks under accelerate launch write nothing
+        return {"rank": int(os.environ.get("RANK", "0"))}
+    scores = score_models(raw, specs, cfg.baseline or None, cfg.bootstrap_iters, cfg.seed)
+    first = next(iter(raw.values()))
+    scores["settings"] = settings | {
+        "task_versions": first.get("versions", {}), "n_shot": first.get("n-shot", {}),
+        "subset": f"seeded subsets (seed {cfg.seed})" if cfg.limit or cfg.preset == "cpu" else "full splits",
+        "data_dir": str(data_dir) if data_dir else None,
+        "wall_time_s": {n: r["selfdistill"]["wall_time_s"] for n, r in raw.items()}}
+    atomic_write_json(out / "scores.json", scores)
+    write_markdown(scores, out / "scores.md")
+    bar_chart(scores, out / "scores.png")
+    write_manifest(out, config=to_dict(cfg), inputs={n: p for n, p in paths.items() if Path(p).exists()},
+                   seed=cfg.seed, started=started)
+    return {"out": str(out), "average": {n: m["average"] for n, m in scores["models"].items()},
+            "retention": {n: m.get("retention") for n, m in scores["models"].items()},
+            "chance_tasks": scores.get("chance_tasks", [])}

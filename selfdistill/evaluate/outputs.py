@@ -1,0 +1,76 @@
+"""Human-readable outputs of the evaluate stage: a Markdown table and a grouped bar chart."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from selfdistill.rundir import atomic_path, atomic_write_text
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x * 100:.1f}"
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.1f}"
+
+
+def markdown(scores: dict[str, Any]) -> str:
+    models, tasks = scores["models"], scores["tasks"]
+    flagged = set(scores.get("chance_tasks", []))
+    head = ["model", *[t + (" ⚠" if t in flagged else "") for t in tasks], "average", "retention",
+            "chance-corr.", "retention (signal)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in models.items():
+        row = [f"`{name}`"] + [f"{_pct(m['tasks'][t]['value'])} ± {_pct(m['tasks'][t]['stderr'])}"
+                               if t in m["tasks"] else "–" for t in tasks]
+        row += [_pct(m["average"]), _num(m.get("retention")), _num(m.get("chance_corrected_retention")),
+                _num(m.get("retention_signal"))]
+        lines.append("| " + " | ".join(row) + " |")
+    metrics = ", ".join(f"{t}: {scores['settings']['tasks'][t]['metric']} ({scores['settings']['tasks'][t]['shots']}-shot)"
+                        for t in tasks)
+    notes = [f"Scores in % (± one standard error over {scores['settings']['subset']}). Metrics: {metrics}."]
+    if flagged:
+        notes.append(f"⚠ parent within two standard errors of chance: {', '.join(sorted(flagged))}; "
+                     "'retention (signal)' leaves these out.")
+    for pair in scores.get("pairwise", []):
+        lo, hi = pair["ci95"]
+        notes.append(f"Retention `{pair['a']}` − `{pair['b']}`: {_num(pair['retention_diff'])} points "
+                     f"(paired bootstrap 95 % CI {_num(lo)} … {_num(hi)}, {pair['iters']} draws).")
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def write_markdown(scores: dict[str, Any], path: Path) -> None:
+    atomic_write_text(path, markdown(scores))
+
+
+def bar_chart(scores: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks, models = scores["tasks"], list(scores["models"])
+    x = np.arange(len(tasks))
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
+    for i, name in enumerate(models):
+        m = scores["models"][name]["tasks"]
+        vals = [m[t]["value"] * 100 if t in m else 0 for t in tasks]
+        errs = [m[t]["stderr"] * 100 if t in m and math.isfinite(m[t]["stderr"]) else 0 for t in tasks]
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, yerr=errs, capsize=2, label=Path(name).name)
+    first = scores["models"][models[0]]["tasks"] if models else {}
+    for j, t in enumerate(tasks):  # chance level per task, as a short dashed line
+        if t in first:
+            ax.hlines(first[t]["chance"] * 100, j - 0.45, j + 0.45, colors="grey", linestyles="dashed", linewidth=1)
+    ax.set_xticks(x, tasks, rotation=20)
+    ax.set_ylabel("score (%)")
+    ax.set_title("lm-eval scores (dashed: chance)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
