@@ -1,0 +1,218 @@
+"""The finetune stage's steps: load, wrap with LoRA, train with checkpoints, merge in fp32, save atomically.
+
+Precision policy: LoRA keeps the frozen base in the compute dtype (bf16 on CPUs with avx512_bf16) and
+the adapters in fp32; full fine-tuning keeps fp32 master weights under bf16 autocast, because bf16
+weights would round away most Adam updates. LoRA deltas are merged into an fp32 reload of the child
+for the same reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfdistill.config import dump_yaml, to_dict
+from selfdistill.errors import UserError
+from selfdistill.finetune import FinetuneConfig, checkpoint_dir
+from selfdistill.finetune.data import TrainData, load_train_data
+from selfdistill.finetune.trainer import JsonlLogger, RecoveryTrainer, tokenize_row, truncate_log
+from selfdistill.models import drop_quantization, load_model, model_card, resolve_device, resolve_dtype
+from selfdistill.rundir import atomic_dir, atomic_write_text, write_manifest
+
+log = logging.getLogger(__name__)
+LOG_NAME = "train_log.jsonl"
+
+
+def build_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, source: str) -> Any:
+    from datasets import Dataset
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the child's tokenizer has no chat template, so prompts cannot be rendered and masked")
+    try:
+        encoded = [tokenize_row(tokenizer, row, max_length) for row in rows]
+    except ValueError as e:
+        raise UserError(f"{source}: {e}") from None
+    kept = [e for e in encoded if e is not None]
+    if len(kept) < len(encoded):
+        log.warning("%d of %d rows dropped: the prompt alone fills max_length=%d", len(encoded) - len(kept),
+                    len(encoded), max_length)
+    if not kept:
+        raise UserError(f"{source}: no row has an answer token within max_length={max_length}")
+    return Dataset.from_list(kept)
+
+
+def add_lora(model: Any, cfg: FinetuneConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    if isinstance(targets, list):
+        names = [name for name, _ in model.named_modules()]
+        for target in targets:
+            if not any(n == target or n.endswith("." + target) for n in names):
+                leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+                raise UserError(f"--target-modules '{target}' matches no module of {type(model).__name__} "
+                                f"(linear layers: {', '.join(leaves)}; or all-linear)")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise UserError(f"LoRA: {str(e).strip().splitlines()[0]}") from None
+
+
+def load_teacher(cfg: FinetuneConfig, child_tok: Any, child: Any, dtype: str) -> Any:
+    teacher, tok = load_model(cfg.teacher, dtype=dtype, allow_pickle=cfg.allow_pickle, attn_implementation="sdpa")
+    if tok.get_vocab() != child_tok.get_vocab() or teacher.config.vocab_size != child.config.vocab_size:
+        raise UserError(f"teacher '{cfg.teacher}' and child '{cfg.model}' use different tokenizers "
+                        f"({len(tok)} vs {len(child_tok)} tokens); KD needs the same vocabulary")
+    return teacher
+
+
+def prepare_checkpoints(ckpt: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from; a fresh run clears old checkpoints so logs never mix."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not resume:
+        if ckpt.exists() and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(ckpt)
+        return None
+    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    if last is None:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt)
+        return None
+    step = int(Path(last).name.rsplit("-", 1)[-1])
+    log.info("resuming from %s (step %d)", last, step)
+    if int(os.environ.get("RANK", "0")) == 0:
+        truncate_log(ckpt / LOG_NAME, step)
+    return last
+
+
+def training_args(cfg: FinetuneConfig, ckpt: Path, device: str, dtype: str) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(ckpt), use_cpu=device == "cpu", seed=cfg.seed,
+        bf16=dtype == "bfloat16", fp16=dtype == "float16",
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        # rows are tokenized and cut to max_length by tokenize_row; padding-free batches need max_length=None
+        max_length=None, padding_free=cfg.padding_free, completion_only_loss=True,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        logging_steps=cfg.logging_steps, report_to=list(cfg.report_to) or "none",
+        ddp_find_unused_parameters=False, dataloader_num_workers=0,
+    )
+
+
+@dataclass
+class Prepared:
+    trainer: Any
+    tokenizer: Any
+    data: TrainData
+    dtype: str
+    resume_from: str | None
+
+
+def prepare(cfg: FinetuneConfig) -> Prepared:
+    """Validate every input and build the trainer; nothing is written before this succeeds."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tok = load_model(cfg.model, dtype=dtype if cfg.method == "lora" else "float32",
+                            allow_pickle=cfg.allow_pickle, attn_implementation="sdpa")
+    data = load_train_data(cfg.data, cfg.responses, cfg.recipe, cfg.limit)
+    dataset = build_dataset(data.rows, tok, cfg.max_length, cfg.data)
+    teacher = load_teacher(cfg, tok, model, dtype) if cfg.kd_weight > 0 else None
+    if cfg.method == "lora":
+        model = add_lora(model, cfg)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+    ckpt = checkpoint_dir(cfg.out)
+    resume_from = prepare_checkpoints(ckpt, cfg.resume)
+    trainer = RecoveryTrainer(
+        model=model, args=training_args(cfg, ckpt, device, dtype), train_dataset=dataset, processing_class=tok,
+        callbacks=[JsonlLogger(ckpt / LOG_NAME)], teacher=teacher, kd_weight=cfg.kd_weight,
+        kd_loss=cfg.kd_loss, kd_temperature=cfg.kd_temperature)
+    return Prepared(trainer, tok, data, dtype, resume_from)
+
+
+def train_and_save(cfg: FinetuneConfig) -> dict[str, Any]:
+    started = time.time()
+    p = prepare(cfg)
+    trainer = p.trainer
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=p.resume_from)
+    train_s = time.time() - t0
+    tokens = _sum_over_processes(trainer, trainer.answer_tokens)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    summary = {"out": str(cfg.out), "arm": cfg.responses, "rows": len(trainer.train_dataset),
+               "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
+               "train_loss": round(result.training_loss, 4), "answer_tokens": tokens,
+               "tokens_per_s": round(tokens / train_s, 1), "train_s": round(train_s, 1)}
+    if trainer.accelerator.is_main_process:
+        save_output(cfg, trainer, p.tokenizer, p.data, summary, p.dtype, started)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(checkpoint_dir(cfg.out), ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    summary["wall_s"] = round(time.time() - started, 1)
+    return summary
+
+
+def _sum_over_processes(trainer: Any, value: int) -> int:
+    import torch
+
+    total = trainer.accelerator.gather(torch.tensor([value], device=trainer.args.device)).sum()
+    return int(total.item())
+
+
+def merged_model(cfg: FinetuneConfig, trainer: Any, adapter_dir: Path) -> Any:
+    """LoRA: reload the child in fp32 and merge the saved adapter, so small deltas survive the merge."""
+    if cfg.method == "full":
+        return trainer.model
+    from peft import PeftModel
+
+    base, _ = load_model(cfg.model, dtype="float32", allow_pickle=cfg.allow_pickle, with_tokenizer=False)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def save_output(cfg: FinetuneConfig, trainer: Any, tok: Any, data: TrainData, summary: dict[str, Any],
+                dtype: str, started: float) -> None:
+    """Write model + adapter/ + log + card + config.yaml, then manifest.json last, all in one rename."""
+    ckpt = checkpoint_dir(cfg.out)
+    with atomic_dir(cfg.out) as tmp:
+        if cfg.method == "lora":
+            trainer.model.save_pretrained(str(tmp / "adapter"))
+        model = merged_model(cfg, trainer, tmp / "adapter")
+        drop_quantization(model)
+        model.config.use_cache = True
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        atomic_write_text(tmp / "README.md", model_card(model, card(cfg, data, summary, dtype)))
+        if (ckpt / LOG_NAME).is_file():
+            shutil.copyfile(ckpt / LOG_NAME, tmp / LOG_NAME)
+        atomic_write_text(tmp / "config.yaml", dump_yaml(cfg))
+        inputs = {"model": cfg.model, "data": cfg.data, **({"teacher": cfg.teacher} if cfg.teacher else {})}
+        write_manifest(tmp, config=to_dict(cfg), inputs={k: v for k, v in inputs.items() if Path(v).exists()},
+                       seed=cfg.seed, started=started, extra={"result": summary})
+
+
+def card(cfg: FinetuneConfig, data: TrainData, summary: dict[str, Any], dtype: str) -> dict[str, Any]:
+    arm = "self-data distillation (parent's verified rewrites)" if cfg.responses == "distilled" \
+        else "SFT baseline (original answers)"
+    hyper = {k: getattr(cfg, k) for k in ("method", "learning_rate", "lr_scheduler", "epochs", "max_steps",
+                                          "batch_size", "grad_accum", "max_length", "seed")}
+    if cfg.method == "lora":
+        hyper.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                     target_modules=cfg.target_modules)
+    if cfg.kd_weight > 0:
+        hyper.update(kd_weight=cfg.kd_weight, kd_loss=cfg.kd_loss, kd_temperature=cfg.kd_temperature,
+                     teacher=cfg.teacher)
+    return {"title": f"selfdistill recovered child ({cfg.responses} arm)", "base_model": cfg.model,
+            "data": cfg.data, "arm": arm, "answer_column": data.column, "rows": summary["rows"],
+            "rewrites_used": data.rewrites_used, "compute_dtype": dtype, "hyperparameters": hyper,
+            "steps": summary["steps"], "final_loss": summary["final_loss"]}
