@@ -245,7 +245,7 @@ def test_two_processes_gloo(tiny_model_dir, distilled, tmp_path):
     proc = subprocess.run([str(exe), *cmd[1:]], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_manifest(out) is not None and len(log_lines(out)) >= 2
-    summary, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])  # each rank prints one
+    summary, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index('{\n  "out"'):])  # per rank
     # 2 ranks x batch 2 x 2 steps = all 8 rows once: the token count is gathered from both processes
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     expected = sum(len(tok(r["response"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"])
