@@ -1,8 +1,26 @@
-"""Cost profile: parameters, FLOPs per token (as the paper counts and as executed), latency."""
+"""Cost profile: parameters, FLOPs per token (as the paper counts and as executed), latency.
+
+Paper: arXiv 2410.09982 reports the FLOPs saved by pruning as removed parameters / all parameters (2 FLOPs per
+parameter per token). We add the FLOPs torch really executes at a given length (attention included) and
+measured prefill / decode throughput, parent and children in one process so the numbers compare.
+"""
 
 from __future__ import annotations
 
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
+
+from selfdistill.config import opt
+from selfdistill.models import DEFAULT_MODEL
+from selfdistill.rundir import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def count_parameters(model: Any) -> dict[str, int]:
@@ -24,3 +42,152 @@ def count_parameters(model: Any) -> dict[str, int]:
 def paper_flops_per_token(parameters: int) -> int:
     """The paper's count: 2 FLOPs per parameter per token, embeddings included."""
     return 2 * parameters
+
+
+# --- the `profile` stage -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    model: list[str] = opt([DEFAULT_MODEL], "models to profile (parent first: reductions are relative to it)")
+    seq_len: int = opt(512, "sequence length of the FLOP count and of the prefill timing")
+    decode_tokens: int = opt(32, "tokens generated per batch-1 decode timing run")
+    runs: int = opt(3, "timing runs; the median is reported")
+    dtype: str = opt("auto", "dtype for the timings: auto (bf16 on a CPU that has it), float32, bfloat16")
+    device: str = opt("cpu", "device: cpu, cuda or auto")
+    executed_flops: bool = opt(True, "count executed FLOPs with torch's FlopCounterMode (eager attention)")
+    latency: bool = opt(True, "measure prefill and decode tokens/s")
+    out: Path | None = opt(None, "JSON file for the results (a Markdown table is written beside it)")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: give at least one model (--model A [--model B])")
+        for name in ("seq_len", "decode_tokens", "runs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def executed_flops(model: Any, seq_len: int) -> dict[str, int]:
+    """FLOPs of one forward over `seq_len` tokens, counted by torch (mm/bmm/...); attention must be eager.
+
+    FlopCounterMode has no formula for the CPU SDPA kernel, so the model is switched to eager attention for
+    the count and back afterwards.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        ids = _random_ids(model, seq_len)
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            model(input_ids=ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    by_op = {str(op).split(".")[-1] if "." in str(op) else str(op): int(n)
+             for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    total = int(counter.get_total_flops())
+    return {"total": total, "per_token": total // seq_len, "seq_len": seq_len, "by_op": by_op}
+
+
+def _random_ids(model: Any, seq_len: int) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return torch.randint(3, vocab, (1, seq_len), generator=g).to(model.device)
+
+
+def measure_latency(model: Any, seq_len: int, decode_tokens: int, runs: int) -> dict[str, float]:
+    """Prefill tokens/s over `seq_len` tokens and batch-1 greedy decode tokens/s; medians of `runs` runs."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = _random_ids(model, seq_len)
+    prefill, decode = [], []
+    with torch.inference_mode():
+        model(input_ids=ids[:, :8])  # warm-up: first-call allocations are not latency
+        for _ in range(runs):
+            cache = DynamicCache(config=model.config)
+            start = time.perf_counter()
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits
+            prefill.append(seq_len / (time.perf_counter() - start))
+            token = logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(decode_tokens):  # a fixed count: EOS must not shorten the timed run
+                token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            decode.append(decode_tokens / (time.perf_counter() - start))
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
+            "prefill_runs": prefill, "decode_runs": decode}
+
+
+def profile_model(name: str, cfg: ProfileConfig, device: str, dtype: str) -> dict[str, Any]:
+    from selfdistill.models import load_model
+
+    model, _ = load_model(name, dtype=dtype, device=device, with_tokenizer=False)
+    params = count_parameters(model)
+    row: dict[str, Any] = {"model": name, "layers": len(params["per_layer"]), "parameters": params,
+                           "flops_per_token_paper": paper_flops_per_token(params["total"])}
+    if cfg.executed_flops:
+        row["flops_executed"] = executed_flops(model, cfg.seq_len)
+        row["flops_per_token_executed"] = row["flops_executed"]["per_token"]
+    if cfg.latency:
+        row.update(measure_latency(model, cfg.seq_len, cfg.decode_tokens, cfg.runs))
+    del model
+    return row
+
+
+def _relative(rows: list[dict[str, Any]]) -> None:
+    """Reductions of every model against the first one (the parent), in percent."""
+    base = rows[0]
+    for row in rows:
+        row["param_reduction_pct"] = 100 * (1 - row["parameters"]["total"] / base["parameters"]["total"])
+        if "flops_per_token_executed" in row:
+            row["executed_flops_reduction_pct"] = 100 * (1 - row["flops_per_token_executed"]
+                                                         / base["flops_per_token_executed"])
+        if "decode_tokens_per_s" in row:
+            row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            row["prefill_speedup"] = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
+
+
+def profile(cfg: ProfileConfig) -> dict[str, Any]:
+    """Parameters, FLOPs per token (paper and executed) and latency of each model, in one process."""
+    from selfdistill.models import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    rows = [profile_model(name, cfg, device, dtype) for name in tqdm(cfg.model, desc="profile", leave=False)]
+    _relative(rows)
+    result = {"seq_len": cfg.seq_len, "decode_tokens": cfg.decode_tokens, "runs": cfg.runs, "dtype": dtype,
+              "device": device, "threads": _threads(), "models": rows}
+    if cfg.out is not None:
+        atomic_write_json(cfg.out, result)
+        atomic_write_text(Path(cfg.out).with_suffix(".md"), table(result))
+    return result
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def table(result: dict[str, Any]) -> str:
+    """One Markdown row per model."""
+    lines = [f"seq_len {result['seq_len']}, {result['dtype']} on {result['device']} ({result['threads']} threads), "
+             f"median of {result['runs']} runs.", "",
+             "| model | layers | params | param reduction | FLOPs/token (2N) | FLOPs/token executed | "
+             "executed reduction | prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["models"]:
+        executed, reduction = r.get("flops_per_token_executed"), r.get("executed_flops_reduction_pct")
+        lines.append(
+            f"| {r['model']} | {r['layers']} | {r['parameters']['total'] / 1e6:.1f} M | "
+            f"{r['param_reduction_pct']:.2f} % | {r['flops_per_token_paper'] / 1e6:.1f} M | "
+            f"{_fmt(executed, 1e-6, ' M')} | {_fmt(reduction, 1, ' %', 2)} | "
+            f"{_fmt(r.get('prefill_tokens_per_s'))} | {_fmt(r.get('decode_tokens_per_s'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
+    return "–" if value is None else f"{value * scale:.{digits}f}{unit}"

@@ -180,3 +180,14 @@ def test_bad_input(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="different tokenizer"):
         speculate(SpeculateConfig(target=str(tiny_model_dir), draft=[str(other)], prompts=prompts, limit=1,
                                   max_new_tokens=2))
+
+
+@pytest.mark.slow
+def test_real_model_as_its_own_draft_accepts_everything(real_model_dir, data_dir, tmp_path):
+    cfg = SpeculateConfig(target=str(real_model_dir), draft=[str(real_model_dir)],
+                          prompts=str(data_dir / "gsm8k" / "test.jsonl"), recipe="gsm8k", k=4, limit=1,
+                          max_new_tokens=16, hf_assisted=False)
+    row = speculate(cfg)["drafts"][0]
+    assert row["lossless"] and row["draft_acceptance_rate"] == 1.0
+    assert row["acceptance_per_position"] == [1.0] * 4 and row["mean_acceptance_length"] == 5.0
+    assert row["emitted_tokens"] == 16 and row["target_forward_passes"] == 1 + 3  # prefill + 3 rounds of 5
