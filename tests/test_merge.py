@@ -150,3 +150,34 @@ def test_cli_merge_error_exit_code(pair, tmp_path):
                            "--t", "2", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "outside [0, 1]" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_default_scorer_calls_evaluate_lazily(monkeypatch, tmp_path):
+    import sys
+    import types
+    from dataclasses import dataclass, field
+
+    from selfdistill.merge import default_scorer
+
+    calls = []
+
+    @dataclass(frozen=True)
+    class EvalConfig:  # the evaluate stage's fields that merge relies on
+        model: list = field(default_factory=list)
+        preset: str = "cpu"
+        limit: int | None = None
+        out: str = ""
+        bootstrap_iters: int = 2000
+
+    def evaluate(cfg):
+        calls.append(cfg)
+        return {"out": cfg.out, "average": {cfg.model[0]: 0.42}}
+
+    fake = types.ModuleType("selfdistill.evaluate")
+    fake.EvalConfig, fake.evaluate = EvalConfig, evaluate
+    monkeypatch.setitem(sys.modules, "selfdistill.evaluate", fake)
+    assert default_scorer("cpu", limit=5)(tmp_path) == 0.42
+    assert calls[0].model == [str(tmp_path)] and calls[0].limit == 5 and calls[0].bootstrap_iters == 0
+    monkeypatch.setitem(sys.modules, "selfdistill.evaluate", None)  # the stage is absent
+    with pytest.raises(UserError, match="needs the evaluate stage"):
+        default_scorer("cpu")(tmp_path)

@@ -43,7 +43,8 @@ class MergeConfig:
     t: float = opt(0.5, "interpolation factor in [0, 1]: 0 gives A, 1 gives B")
     t_groups: list[str] = opt([], "per-tensor-group t as NAME_SUBSTRING=T, first match wins (e.g. self_attn=0.3 mlp=0.7)")
     t_grid: list[float] = opt([], "merge at each t, evaluate, keep the best (e.g. 0.25,0.5,0.75); overrides t")
-    eval_preset: str = opt("cpu", "evaluate preset used to score the t grid")
+    eval_preset: str = opt("cpu", "evaluate preset used to score the t grid (its mean score is maximised)")
+    eval_limit: int | None = opt(None, "items per task when scoring the t grid (evaluate's --limit)")
     dtype: str = opt("float32", "dtype to load, merge and save in: float32 or bfloat16")
     out: Path = opt(Path("merged"), "output model folder")
 
@@ -145,7 +146,7 @@ def _write_merged(a: Any, b: Any, tok: Any, cfg: MergeConfig, t: float, folder: 
     write_model(child, tok, folder, card)
 
 
-def default_scorer(preset: str) -> Scorer:
+def default_scorer(preset: str, limit: int | None = None) -> Scorer:
     """Score a model folder with the evaluate stage (imported lazily: it is optional for plain merges)."""
 
     def score(model_dir: Path) -> float:
@@ -155,24 +156,24 @@ def default_scorer(preset: str) -> Scorer:
             raise UserError(f"merge --t-grid needs the evaluate stage, which cannot be imported ({e})") from None
         with tempfile.TemporaryDirectory(prefix="merge-eval-") as tmp:
             try:
-                result = evaluate(EvalConfig(models=[str(model_dir)], preset=preset, out=Path(tmp)))
+                result = evaluate(EvalConfig(model=[str(model_dir)], preset=preset, limit=limit, out=tmp,
+                                             bootstrap_iters=0))
             except TypeError as e:
                 raise UserError(f"merge --t-grid: the evaluate stage rejected our call ({e})") from None
-        return _mean_score(result)
+        return _mean_score(result, str(model_dir))
 
     return score
 
 
-def _mean_score(result: dict[str, Any]) -> float:
-    """Find the model's mean score in evaluate's result, whichever of the usual shapes it has."""
-    for key in ("mean", "average", "score"):
-        if isinstance(result.get(key), (int, float)):
-            return float(result[key])
-    models = result.get("models")
-    if isinstance(models, list) and models and isinstance(models[0], dict):
-        return _mean_score(models[0])
-    if isinstance(models, dict) and models:
-        return _mean_score(next(iter(models.values())))
+def _mean_score(result: dict[str, Any], name: str) -> float:
+    """The model's mean score in evaluate's result: {"average": {model: mean}} (or a plain number)."""
+    average = result.get("average")
+    if isinstance(average, (int, float)):
+        return float(average)
+    if isinstance(average, dict) and average:
+        value = average.get(name, next(iter(average.values())) if len(average) == 1 else None)
+        if isinstance(value, (int, float)):
+            return float(value)
     raise UserError(f"merge --t-grid: cannot find a mean score in evaluate's result (keys: {sorted(result)})")
 
 
@@ -183,7 +184,7 @@ def merge(cfg: MergeConfig, scorer: Scorer | None = None) -> dict[str, Any]:
     inputs = {f"model_{i}": m for i, m in enumerate(cfg.models) if Path(m).exists()}
     with atomic_dir(cfg.out) as tmp:
         if cfg.t_grid:
-            best_t, scores = _grid(a, b, tok, cfg, tmp, scorer or default_scorer(cfg.eval_preset))
+            best_t, scores = _grid(a, b, tok, cfg, tmp, scorer or default_scorer(cfg.eval_preset, cfg.eval_limit))
             atomic_write_json(tmp / "grid.json", {"scores": scores, "best_t": best_t, "preset": cfg.eval_preset})
         else:
             best_t, scores = cfg.t, {}
