@@ -54,7 +54,8 @@ def add_lora(model: Any, cfg: FinetuneConfig) -> Any:
         names = [name for name, _ in model.named_modules()]
         for target in targets:
             if not any(n == target or n.endswith("." + target) for n in names):
-                leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+                linear = (n for n, m in model.named_modules() if type(m).__name__ == "Linear")
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
                 raise UserError(f"--target-modules '{target}' matches no module of {type(model).__name__} "
                                 f"(linear layers: {', '.join(leaves)}; or all-linear)")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
