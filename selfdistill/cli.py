@@ -42,9 +42,10 @@ def _stage(name: str) -> tuple[type, Any]:
 
 def _add_field_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
+    aliases = getattr(cls, "FLAG_ALIASES", {})  # e.g. run's `--from` for the field `from_stage`
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *([aliases[f.name]] if f.name in aliases else [])]
         default = None if f.default is dataclasses.MISSING else f.default
         text = field_help(f) + (f" (default: {default})" if default not in (None, "", []) else "")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
@@ -54,7 +55,7 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is list:
             kwargs.update(nargs="+", action="extend")
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(*flags, **kwargs)
 
 
 def _parse_value(raw: Any) -> Any:

@@ -21,10 +21,10 @@ T = TypeVar("T")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a help text (shown by `--help`); list defaults are copied per instance."""
-    if isinstance(default, list):
-        value = list(default)
-        return dataclasses.field(default_factory=lambda: list(value), metadata={"help": help}, **kwargs)
+    """A dataclass field with a help text (shown by `--help`); list/dict defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        value = default.copy()
+        return dataclasses.field(default_factory=lambda: value.copy(), metadata={"help": help}, **kwargs)
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -57,6 +57,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             choices = ", ".join(map(str, typing.get_args(tp)))
             raise UserError(f"config key '{key}': {value!r} is not one of {choices}")
         return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str) and item_tp is not str:

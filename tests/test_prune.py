@@ -18,7 +18,8 @@ from selfdistill.prune.surgery import remove_layers
 
 
 def _texts_file(tmp_path: Path, n: int = 6) -> Path:
-    words = "the cat sat on a mat while seven dogs ran far away to eat forty two apples".split()
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "seven", "dogs", "ran", "far", "away",
+             "to", "eat", "forty", "two", "apples"]
     rows = [{"text": " ".join(words[i % 5:]) * (1 + i % 3)} for i in range(n)]
     path = tmp_path / "calib.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -143,7 +144,8 @@ def test_explicit_range_needs_no_calibration(tmp_path, tiny_model_dir):
 
 def _bad_calibration(tmp_path: Path, kind: str) -> str:
     path = tmp_path / f"{kind}.jsonl"
-    content = {"empty": b"", "json": b'{"text": "ok"}\n{"text": broken\n', "utf8": b'{"text": "\xff\xfe"}\n'}[kind]
+    content = {"empty": b"", "json": b'{"text": "ok"}\n{"text": broken\n',
+               "utf8": b'{"text": "\xff\xfe"}\n'}[kind]
     path.write_bytes(content)
     return str(path)
 

@@ -1,0 +1,262 @@
+"""`selfdistill run CONFIG.yaml`: the paper's loop as one resumable run.
+
+    evaluate parent -> prune -> distill (per dataset) -> finetune arms (SFT, SDD, SDD+KD)
+    -> merge (per-dataset SDD children, SLERP) -> evaluate children -> drift -> speculate -> profile -> report
+
+Each stage writes into its own folder of the run directory. A stage is complete when its
+`manifest.json` carries the stage key: a hash of its resolved config and the keys of the stages
+it reads from. A rerun skips complete stages; a changed config changes the key of that stage and
+of every stage downstream, so exactly those rerun. `--from STAGE` forces a restart point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfdistill.config import dump_yaml, from_dict, opt, to_dict
+from selfdistill.distill import DistillConfig, distill
+from selfdistill.errors import UserError
+from selfdistill.evaluate import EvalConfig, default_data_dir, evaluate
+from selfdistill.evaluate.drift import drift
+from selfdistill.finetune import FinetuneConfig, finetune
+from selfdistill.merge import MergeConfig, merge
+from selfdistill.models import DEFAULT_MODEL
+from selfdistill.profile import ProfileConfig, profile
+from selfdistill.prune import PruneConfig, prune
+from selfdistill.rundir import atomic_write_json, atomic_write_text, hash_path, read_manifest, write_manifest
+from selfdistill.speculative import SpeculateConfig, speculate
+
+log = logging.getLogger(__name__)
+
+STAGES = ("parent-eval", "prune", "distill", "finetune", "merge", "evaluate", "drift", "speculate", "profile",
+          "report")
+ARMS = {  # arm -> (answer column, uses the parent's logits)
+    "sft": ("original", False),
+    "sdd": ("distilled", False),
+    "sdd-kd": ("distilled", True),
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str = opt("", "short name, used in folder names (e.g. gsm8k)")
+    local: str | None = opt(None, "file under data_dir (used when it exists)")
+    hub: str | None = opt(None, "hub dataset id, used when the local file is absent")
+    subset: str | None = opt(None, "hub dataset config (e.g. 'main' for openai/gsm8k)")
+    split: str = opt("train", "split, for hub datasets")
+    recipe: str | None = opt(None, "recipe: gsm8k, dolly, alpaca, openmathinstruct, ...")
+    limit: int | None = opt(None, "rows to distill and train on")
+    offset: int = opt(0, "skip this many rows first")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run_dir: str = opt("runs/default", "run directory; one subfolder per stage")
+    parent: str = opt(DEFAULT_MODEL, "the unpruned parent: alias, local folder, .gguf or hub id")
+    seed: int = opt(0, "one seed, passed to every stage")
+    data_dir: str = opt("", "offline data folder (default: $SELFDISTILL_DATA_DIR, else ../shared/data)")
+    datasets: list[DatasetSpec] = opt([], "fine-tuning datasets to distill; two or more enable merging")
+    arms: list[str] = opt(["sft", "sdd"], f"fine-tuning arms: {', '.join(ARMS)}")
+    kd_weight: float = opt(0.5, "KD weight of the sdd-kd arm")
+    merge_children: bool = opt(True, "with 2+ datasets: tune one SDD child per dataset and SLERP-merge them")
+    drift_prompts: int = opt(50, "held-out prompts (rows after the training rows) for child-vs-parent KL")
+    drift_max_new_tokens: int = opt(128, "parent answer length for the drift metrics")
+    speculate_children: bool = opt(True, "measure every child as a speculative draft of the parent")
+    from_stage: str | None = opt(None, f"force a restart from this stage: {', '.join(STAGES)}")
+    # Stage sections: any field of the stage's config; the inputs and outputs are filled in per run.
+    prune: dict[str, Any] = opt({"num_layers": 6}, "PruneConfig fields (model, calibration, out filled in)")
+    distill: dict[str, Any] = opt({}, "DistillConfig fields (teacher, dataset, out filled in)")
+    finetune: dict[str, Any] = opt({}, "FinetuneConfig fields shared by every arm (model, data, out filled in)")
+    evaluate: dict[str, Any] = opt({}, "EvalConfig fields (model, baseline, out filled in)")
+    merge: dict[str, Any] = opt({}, "MergeConfig fields (models, out filled in)")
+    speculate: dict[str, Any] = opt({}, "SpeculateConfig fields (target, draft, prompts, out filled in)")
+    profile: dict[str, Any] = opt({}, "ProfileConfig fields (model, out filled in)")
+
+    FLAG_ALIASES = {"from_stage": "--from"}
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown arm '{unknown[0]}' (choose from {', '.join(ARMS)})")
+        if self.from_stage is not None and self.from_stage not in STAGES:
+            raise ValueError(f"--from {self.from_stage}: not a stage ({', '.join(STAGES)})")
+        if not self.datasets:
+            raise ValueError("give at least one entry under 'datasets'")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError("every dataset needs a unique, non-empty name")
+        for name, placeholders in _IO_PLACEHOLDERS.items():  # validate each section now, not mid-run
+            stage_config(self, name, **placeholders)
+
+
+_IO_PLACEHOLDERS: dict[str, dict[str, Any]] = {
+    "prune": {"out": "-"}, "distill": {"dataset": "-", "out": "-"}, "finetune": {"model": "-", "data": "-", "out": "-"},
+    "evaluate": {"model": ["-"], "out": "-"}, "merge": {"models": ["-", "-"], "out": "-"},
+    "speculate": {"draft": ["-"], "prompts": "-", "out": "-"}, "profile": {"model": ["-"], "out": "-"},
+}
+_SECTION_CLASSES = {"prune": PruneConfig, "distill": DistillConfig, "finetune": FinetuneConfig,
+                    "evaluate": EvalConfig, "merge": MergeConfig, "speculate": SpeculateConfig,
+                    "profile": ProfileConfig}
+
+
+def stage_config(cfg: PipelineConfig, section: str, **io: Any) -> Any:
+    """The stage's typed config: the YAML section plus the run's inputs/outputs (which win)."""
+    data = {**getattr(cfg, section), **{k: (str(v) if isinstance(v, Path) else v) for k, v in io.items()}}
+    return from_dict(_SECTION_CLASSES[section], data, prefix=f"{section}.")
+
+
+def resolve_dataset(spec: DatasetSpec, data_dir: Path | None) -> str:
+    """The local copy when it exists, else the hub id: the same config works offline and online."""
+    if spec.local:
+        local = Path(spec.local).expanduser()
+        for candidate in (local, (data_dir / local) if data_dir else None):
+            if candidate is not None and candidate.is_file():
+                return str(candidate.resolve())
+    if spec.hub:
+        return spec.hub
+    where = f" under {data_dir}" if data_dir else " (no data_dir found)"
+    raise UserError(f"dataset '{spec.name}': local file '{spec.local}' not found{where} and no hub id given")
+
+
+class Stages:
+    """Runs stage functions with skip-if-complete bookkeeping."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg, self.root, self.keys = cfg, Path(cfg.run_dir), {}
+        self.forced_from = STAGES.index(cfg.from_stage) if cfg.from_stage else None
+
+    def run(self, name: str, kind: str, config: Any, fn: Callable[[Any], Any], after: tuple[str, ...] = (),
+            external: dict[str, str] = {}) -> Any:
+        folder = self.root / name
+        payload = {"config": to_dict(config) if hasattr(config, "__dataclass_fields__") else config,
+                   "after": [self.keys[a] for a in after], "external": {k: hash_path(v) for k, v in external.items()}}
+        key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.keys[name] = key
+        forced = self.forced_from is not None and STAGES.index(kind) >= self.forced_from
+        manifest = read_manifest(folder)
+        if manifest and manifest.get("stage_key") == key and not forced and (folder / "result.json").is_file():
+            log.info("[%s] complete, skipped", name)
+            return json.loads((folder / "result.json").read_text())
+        marker = folder / ".stage_key"
+        if forced or manifest or (marker.is_file() and marker.read_text() != key):
+            shutil.rmtree(folder, ignore_errors=True)  # outputs of another config: never resume from them
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(key)
+        log.info("[%s] running", name)
+        started = time.time()
+        result = fn(config)
+        atomic_write_json(folder / "result.json", result)
+        old = read_manifest(folder) or {}
+        write_manifest(folder, config=payload["config"], inputs=external, seed=self.cfg.seed, started=started,
+                       extra={"stage": kind, "stage_key": key, "after": list(after),
+                              **({"stage_manifest": old} if old else {})})
+        return result
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run (or resume) the whole method; returns the paths of the report and of every child."""
+    root = Path(cfg.run_dir)
+    data_dir = default_data_dir(cfg.data_dir)
+    sources = {d.name: resolve_dataset(d, data_dir) for d in cfg.datasets}  # fail before any stage starts
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "config.yaml", dump_yaml(cfg))
+    s = Stages(cfg)
+    local = {k: v for k, v in sources.items() if Path(v).is_file()}
+    first = cfg.datasets[0]
+    evaluation = {"data_dir": str(data_dir or ""), "seed": cfg.seed}
+
+    # 1. The parent's scores (cached by model hash, so the final evaluation reuses them).
+    s.run("parent-eval", "parent-eval", stage_config(cfg, "evaluate", **evaluation, model=[cfg.parent], baseline="",
+                                                     out=root / "parent-eval"), evaluate)
+    # 2. Prune: score blocks on the first dataset's text (unless the section names other calibration data).
+    s.run("pruned", "prune", stage_config(
+        cfg, "prune", model=cfg.parent, calibration=cfg.prune.get("calibration") or sources[first.name],
+        recipe=cfg.prune.get("recipe") or first.recipe, seed=cfg.seed, out=root / "pruned"), prune, external=local)
+    # 3. Self-data distillation: the *unpruned* parent rewrites each dataset's answers.
+    distilled = {}
+    for d in cfg.datasets:
+        out = root / f"distill-{d.name}" / "distilled.jsonl"
+        s.run(f"distill-{d.name}", "distill", stage_config(
+            cfg, "distill", teacher=cfg.parent, dataset=sources[d.name], recipe=d.recipe, limit=d.limit,
+            offset=d.offset, split=d.split, subset=d.subset, seed=cfg.seed, out=out), distill,
+            external={d.name: sources[d.name]} if d.name in local else {})
+        distilled[d.name] = out
+    train_data = _combined(root, distilled)
+    # 4. Recovery: the arms share every setting but the answer column (and the parent's logits for sdd-kd).
+    children = {"pruned": str(root / "pruned")}
+    distill_stages = tuple(f"distill-{d.name}" for d in cfg.datasets)
+    for arm in cfg.arms:
+        children[arm] = _finetune(s, cfg, arm, train_data, distill_stages)
+    # 5. Merge: one SDD child per dataset, SLERP-merged (the paper's merging of differently distilled children).
+    if cfg.merge_children and len(cfg.datasets) >= 2:
+        pair = cfg.datasets[:2]
+        per_data = [_finetune(s, cfg, "sdd", distilled[d.name], (f"distill-{d.name}",), suffix=f"-{d.name}")
+                    for d in pair]
+        s.run("merged", "merge", stage_config(cfg, "merge", models=per_data, out=root / "merged"), merge,
+              after=tuple(f"sdd-{d.name}" for d in pair))
+        children["merged"] = str(root / "merged")
+    child_stages = tuple(Path(p).name for p in children.values())
+    # 6. Evaluate every child against the parent: retention, chance-corrected, paired bootstrap.
+    s.run("evaluate", "evaluate", stage_config(cfg, "evaluate", **evaluation, model=list(children.values()),
+                                               baseline=cfg.parent, out=root / "evaluate"), evaluate, after=child_stages)
+    # 7. Drift: how far each child moved from its parent, on held-out prompts of the first dataset.
+    s.run("drift", "drift", {"children": children, "parent": cfg.parent, "prompts": sources[first.name],
+                             "recipe": first.recipe, "offset": first.offset + (first.limit or 0),
+                             "limit": cfg.drift_prompts, "max_new_tokens": cfg.drift_max_new_tokens},
+          _drift, after=child_stages)
+    # 8. Speculative decoding: each child as a draft of its parent.
+    if cfg.speculate_children:
+        s.run("speculate", "speculate", stage_config(
+            cfg, "speculate", target=cfg.parent, draft=list(children.values()), prompts=sources[first.name],
+            recipe=first.recipe, out=root / "speculate" / "speculate.json"), speculate, after=child_stages)
+    # 9. Cost: parameters, FLOPs and latency of the parent and of the pruned shape (every child shares it).
+    s.run("profile", "profile", stage_config(cfg, "profile", model=[cfg.parent, children["pruned"]],
+                                             out=root / "profile" / "profile.json"), profile, after=("pruned",))
+    # 10. One report.
+    from selfdistill.report import ReportConfig, report
+
+    result = s.run("report", "report", ReportConfig(run_dir=str(root)), report,
+                   after=tuple(k for k in s.keys if k != "report"))
+    return {"run_dir": str(root), "children": children, **result}
+
+
+def _finetune(s: Stages, cfg: PipelineConfig, arm: str, data: Path, after: tuple[str, ...], suffix: str = "") -> str:
+    responses, with_kd = ARMS[arm]
+    name = f"{arm}{suffix}"
+    kd = {"kd_weight": cfg.kd_weight, "teacher": cfg.parent} if with_kd else {"kd_weight": 0.0, "teacher": None}
+    config = stage_config(cfg, "finetune", model=s.root / "pruned", data=data, responses=responses, seed=cfg.seed,
+                          out=s.root / name, resume=True, **kd)
+    s.run(name, "finetune", config, finetune, after=("pruned", *after))
+    return str(s.root / name)
+
+
+def _combined(root: Path, distilled: dict[str, Path]) -> Path:
+    """One training file over all datasets (rows keep their ids; the dataset name prefixes them)."""
+    if len(distilled) == 1:
+        return next(iter(distilled.values()))
+    out = root / "distill-all.jsonl"
+    lines = []
+    for name, path in distilled.items():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                row["id"] = f"{name}/{row['id']}"
+                lines.append(json.dumps(row, ensure_ascii=False))
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return out
+
+
+def _drift(spec: dict[str, Any]) -> dict[str, Any]:
+    from selfdistill.data import load_examples
+
+    prompts = load_examples(spec["prompts"], spec["recipe"], offset=spec["offset"], limit=spec["limit"])
+    return {label: drift(spec["parent"], path, prompts, max_new_tokens=spec["max_new_tokens"])
+            for label, path in spec["children"].items()}

@@ -1,0 +1,279 @@
+"""`selfdistill report RUN_DIR`: one report (Markdown + self-contained HTML) for a pipeline run.
+
+It only reads what the stages wrote (pruning.json, stats.json, scores.json, drift, speculate,
+profile), so it can be rerun at any time, also on a partly finished run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfdistill.config import opt
+from selfdistill.errors import UserError
+from selfdistill.rundir import atomic_path, atomic_write_text, read_manifest
+
+Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", path, alt)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    run_dir: str = opt("", "the run directory written by `selfdistill run`")
+    out: str = opt("", "output folder (default: RUN_DIR/report)")
+
+    POSITIONAL = "run_dir"
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _label(name: str) -> str:
+    return Path(str(name).rstrip("/")).name
+
+
+def _fmt(x: Any, digits: int = 1, scale: float = 1.0) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x * scale:.{digits}f}"
+
+
+def _pruning_blocks(run: Path) -> list[Block]:
+    p = _read(run / "pruned" / "pruning.json")
+    if p is None:
+        return []
+    params = p["parameters"]
+    blocks: list[Block] = [("h2", "Pruning"), ("p", (
+        f"Scorer **{p['scorer'] or 'explicit range'}** removed {p['removed_range']} of {p['layers_before']} layers "
+        f"(n = {p['n']}): parameters {params['before']:,} → {params['after']:,}, FLOPs/token (2 × parameters) "
+        f"−{p['flops_per_token']['reduction'] * 100:.2f} %."))]
+    row = (p.get("scores") or {}).get("distances_by_start")
+    if row:
+        chosen = p["removed_layers"][0]
+        around = ", ".join(f"l={i}: {v:.3f}" for i, v in enumerate(row)
+                           if v is not None and abs(i - chosen) <= 3)
+        blocks.append(("p", f"Scores around the chosen start layer {chosen}: {around}."))
+    if (run / "pruned" / "distances.png").is_file():
+        blocks.append(("img", run / "pruned" / "distances.png", "layer distance heatmap"))
+    return blocks
+
+
+def _distill_blocks(run: Path) -> list[Block]:
+    rows = []
+    for folder in sorted(run.glob("distill-*/")):
+        stats = _read(folder / "stats.json") or _read(folder / "result.json")
+        if not stats:
+            continue
+        kept = stats.get("rewrites_kept", stats.get("kept"))
+        total = stats.get("rows")
+        reasons = stats.get("rejected_by_reason") or stats.get("rejected") or {}
+        reason_text = ", ".join(f"{k}: {v}" for k, v in reasons.items()) if isinstance(reasons, dict) else str(reasons)
+        rows.append([folder.name.removeprefix("distill-"), total, kept,
+                     _fmt(kept / total * 100 if kept is not None and total else None), reason_text or "–",
+                     stats.get("tokens_generated", "–"), _fmt(stats.get("tokens_per_s"))])
+    if not rows:
+        return []
+    return [("h2", "Self-data distillation"),
+            ("table", ["dataset", "rows", "rewrites kept", "kept %", "rejected by reason", "tokens", "tokens/s"], rows)]
+
+
+def _model_rows(run: Path) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
+    scores = _read(run / "evaluate" / "scores.json") or _read(run / "parent-eval" / "scores.json") or {}
+    drift = _read(run / "drift" / "result.json") or {}
+    spec = _read(run / "speculate" / "speculate.json") or {}
+    profile = _read(run / "profile" / "result.json") or {}
+    drafts = {_label(d["draft"]): d for d in spec.get("drafts", [])}
+    prof = {_label(m.get("model", "")): m for m in profile.get("models", [])}
+    tasks = scores.get("tasks", [])
+    flagged = set(scores.get("chance_tasks", []))
+    headers = ["model", "params", "GFLOPs/token", "decode tok/s", *[t + (" ⚠" if t in flagged else "") for t in tasks],
+               "average", "retention", "chance-corr.", "retention (signal)", "KL to parent", "top-1 agreement",
+               "draft acceptance", "MAL"]
+    rows = []
+    pruned_profile = prof.get("pruned")
+    for name, m in scores.get("models", {}).items():
+        label = _label(name)
+        pr = prof.get(label) or (pruned_profile if label not in prof and name != scores.get("baseline") else None)
+        params = (pr or {}).get("parameters", {}).get("total")
+        flops = (pr or {}).get("flops_per_token_paper")
+        decode = (pr or {}).get("decode_tokens_per_s")
+        d, s = drift.get(label, {}), drafts.get(label, {})
+        rows.append([label, f"{params / 1e6:.1f} M" if params else "–", _fmt(flops, 3, 1e-9), _fmt(decode),
+                     *[_fmt(m["tasks"].get(t, {}).get("value"), 1, 100) for t in tasks], _fmt(m.get("average"), 1, 100),
+                     _fmt(m.get("retention")), _fmt(m.get("chance_corrected_retention")),
+                     _fmt(m.get("retention_signal")), _fmt(d.get("kl"), 3), _fmt(d.get("agreement"), 1, 100),
+                     _fmt(s.get("draft_acceptance_rate"), 3), _fmt(s.get("mean_acceptance_length"), 2)])
+    return headers, rows, scores
+
+
+def _plots(run: Path, out: Path, headers: list[str], rows: list[list[Any]], scores: dict[str, Any]) -> list[Block]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks: list[Block] = []
+    baseline = _label(scores.get("baseline") or "")
+    children = [r for r in rows if r[0] != baseline and r[headers.index("retention")] != "–"]
+    if not children:
+        return blocks
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = [r[0] for r in children]
+    for key, offset, color in (("retention", -0.2, "#4c72b0"), ("retention (signal)", 0.2, "#dd8452")):
+        vals = [float(r[headers.index(key)]) if r[headers.index(key)] != "–" else 0 for r in children]
+        ax.bar([i + offset for i in range(len(names))], vals, 0.4, label=key, color=color)
+    ax.axhline(100, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("% of parent")
+    ax.legend(fontsize=8)
+    ax.set_title("Retention per arm")
+    fig.tight_layout()
+    with atomic_path(out / "retention.png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    blocks.append(("img", out / "retention.png", "retention per arm"))
+    flops_col = headers.index("GFLOPs/token")
+    points = [(float(r[flops_col]), float(r[headers.index("retention")]), r[0]) for r in rows
+              if r[flops_col] != "–" and r[headers.index("retention")] != "–"]
+    if points:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for x, y, name in points:
+            ax.scatter(x, y)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("GFLOPs per token (2 × parameters)")
+        ax.set_ylabel("retention (% of parent)")
+        ax.set_title("Retention vs cost")
+        fig.tight_layout()
+        with atomic_path(out / "retention_vs_flops.png") as tmp:
+            fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        blocks.append(("img", out / "retention_vs_flops.png", "retention vs FLOPs"))
+    return blocks
+
+
+def _comparison_blocks(scores: dict[str, Any]) -> list[Block]:
+    pairs = scores.get("pairwise", [])
+    if not pairs:
+        return []
+    rows = [[_label(p["a"]), _label(p["b"]), p["over"], _fmt(p.get("retention_diff"), 2),
+             f"{_fmt(p['ci95'][0], 2)} … {_fmt(p['ci95'][1], 2)}"] for p in pairs]
+    return [("h2", "Paired comparisons"), ("p", "Retention difference a − b in points, paired bootstrap 95 % interval "
+             "over evaluation items; an interval that contains 0 means the data cannot tell the two apart."),
+            ("table", ["a", "b", "tasks", "difference", "95 % interval"], rows)]
+
+
+def _cost_blocks(run: Path) -> list[Block]:
+    profile = _read(run / "profile" / "result.json")
+    if not profile:
+        return []
+    rows = [[_label(m["model"]), m["layers"], f"{m['parameters']['total']:,}", _fmt(m["flops_per_token_paper"], 3, 1e-9),
+             _fmt(m.get("flops_per_token_executed"), 3, 1e-9), _fmt(m.get("prefill_tokens_per_s")),
+             _fmt(m.get("decode_tokens_per_s")), _fmt(m.get("decode_speedup"), 2)] for m in profile["models"]]
+    return [("h2", "Cost"), ("p", f"FLOPs per token as the paper counts them (2 × parameters) and as executed "
+             f"(torch FlopCounterMode, eager attention, sequence length {profile['seq_len']}); latency medians of "
+             f"{profile['runs']} runs, {profile['dtype']} on {profile['device']} ({profile.get('threads')} threads)."),
+            ("table", ["model", "layers", "parameters", "GFLOPs/token (paper)", "GFLOPs/token (executed)",
+                       "prefill tok/s", "decode tok/s", "decode speed-up"], rows)]
+
+
+def _speculate_blocks(run: Path) -> list[Block]:
+    spec = _read(run / "speculate" / "speculate.json")
+    if not spec:
+        return []
+    rows = [[_label(d["draft"]), _fmt(d["draft_acceptance_rate"], 3), _fmt(d["mean_acceptance_length"], 2),
+             " ".join(f"{a:.2f}" for a in d["acceptance_per_position"]), d["target_forward_passes"],
+             _fmt(d.get("speedup_ours"), 2), _fmt(d.get("speedup_hf_assisted"), 2),
+             "yes" if d["lossless"] else "NO"] for d in spec["drafts"]]
+    return [("h2", "Children as speculative drafts"), ("p", (
+        f"Greedy draft-then-verify, k = {spec['k']}, {spec['prompts']} prompts, up to {spec['max_new_tokens']} new "
+        "tokens; MAL = tokens emitted per target forward pass. Speed-ups are wall-clock against the target alone.")),
+            ("table", ["draft", "acceptance rate", "MAL", "acceptance by position", "target passes",
+                       "speed-up (ours)", "speed-up (HF assisted)", "lossless"], rows)]
+
+
+def _stage_times(run: Path) -> list[Block]:
+    rows = []
+    for folder in sorted(p for p in run.iterdir() if p.is_dir() and p.name != "report"):
+        m = read_manifest(folder)
+        if m and "stage" in m:
+            rows.append([folder.name, m["stage"], _fmt(m.get("wall_time_s"), 0), m.get("started", "")])
+    return [("h2", "Stages"), ("table", ["folder", "stage", "wall time (s)", "started"], rows)] if rows else []
+
+
+def to_markdown(blocks: list[Block], out: Path) -> str:
+    lines = []
+    for b in blocks:
+        if b[0] in ("h1", "h2"):
+            lines += [("# " if b[0] == "h1" else "## ") + b[1], ""]
+        elif b[0] == "p":
+            lines += [b[1], ""]
+        elif b[0] == "table":
+            lines += ["| " + " | ".join(map(str, b[1])) + " |", "|" + "---|" * len(b[1])]
+            lines += ["| " + " | ".join(map(str, r)) + " |" for r in b[2]] + [""]
+        elif b[0] == "img":
+            rel = Path(b[1]).relative_to(out.parent) if Path(b[1]).is_relative_to(out.parent) else Path(b[1])
+            lines += [f"![{b[2]}](../{rel})", ""]
+    return "\n".join(lines)
+
+
+def to_html(blocks: list[Block]) -> str:
+    def md_inline(text: str) -> str:
+        escaped = html.escape(text)
+        parts = escaped.split("**")
+        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+    body = []
+    for b in blocks:
+        if b[0] in ("h1", "h2"):
+            body.append(f"<{b[0]}>{html.escape(b[1])}</{b[0]}>")
+        elif b[0] == "p":
+            body.append(f"<p>{md_inline(b[1])}</p>")
+        elif b[0] == "table":
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b[1])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b[0] == "img":
+            data = base64.b64encode(Path(b[1]).read_bytes()).decode()
+            body.append(f'<figure><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}"></figure>')
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>selfdistill report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def report(cfg: ReportConfig) -> dict[str, Any]:
+    """Write report.md, report.html (images embedded) and plots for a run directory."""
+    run = Path(cfg.run_dir)
+    if not run.is_dir():
+        raise UserError(f"run directory not found: {run}")
+    out = Path(cfg.out) if cfg.out else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+    headers, rows, scores = _model_rows(run)
+    blocks: list[Block] = [("h1", f"selfdistill report: {run.name}"),
+                           ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {run}.")]
+    blocks += _pruning_blocks(run) + _distill_blocks(run)
+    if rows:
+        settings = scores.get("settings", {})
+        blocks += [("h2", "Models"), ("table", headers, rows), ("p", (
+            "Scores in %; retention = child average / parent average × 100; chance-corrected = "
+            "(child − chance)/(parent − chance); ⚠ marks tasks where the parent is within two standard errors of "
+            f"chance (left out of 'retention (signal)'). Evaluation: preset {settings.get('preset', '?')}, "
+            f"harness {settings.get('lm_eval_version', settings.get('harness_version', '?'))}, "
+            f"{settings.get('subset', '')}."))]
+        blocks += _plots(run, out, headers, rows, scores) + _comparison_blocks(scores)
+    blocks += _cost_blocks(run) + _speculate_blocks(run) + _stage_times(run)
+    if config:
+        blocks += [("h2", "Resolved config"), ("p", "See config.yaml in the run directory.")]
+    atomic_write_text(out / "report.md", to_markdown(blocks, out))
+    atomic_write_text(out / "report.html", to_html(blocks))
+    return {"report_md": str(out / "report.md"), "report_html": str(out / "report.html"), "models": len(rows)}

@@ -1,0 +1,120 @@
+"""The whole pipeline on a tiny random model: runs, resumes, and reruns exactly what a config change touches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from selfdistill.cli import main
+from selfdistill.config import from_dict
+from selfdistill.pipeline import PipelineConfig, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, parent: Path, data_dir: Path, **overrides) -> dict:
+    rows = [json.loads(line) for line in (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()[:12]]
+    data = tmp_path / "gsm8k_small.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "run_dir": str(tmp_path / "run"), "parent": str(parent), "data_dir": str(data_dir),
+        "datasets": [{"name": "gsm8k", "local": str(data), "recipe": "gsm8k", "limit": 4}],
+        "arms": ["sft", "sdd"], "drift_prompts": 2, "drift_max_new_tokens": 4,
+        "prune": {"num_layers": 2, "calibration_samples": 4, "max_length": 48},
+        "distill": {"batch_size": 4, "max_new_tokens": 8, "dtype": "float32"},
+        "finetune": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 640, "dtype": "float32",
+                     "save_steps": 1},
+        "evaluate": {"preset": "cpu", "tasks": ["arc_easy"], "limit": 2, "batch_size": 4, "dtype": "float32",
+                     "cache": False, "bootstrap_iters": 20},
+        "speculate": {"limit": 2, "max_new_tokens": 6, "k": 2, "hf_assisted": False},
+        "profile": {"seq_len": 16, "runs": 1, "decode_tokens": 4, "dtype": "float32"},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def _stage_keys(run_dir: Path) -> dict[str, str]:
+    keys = {}
+    for folder in run_dir.iterdir():
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            keys[folder.name] = json.loads(manifest.read_text())["stage_key"]
+    return keys
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, data_dir):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data = _config(tmp, tiny_model_dir, data_dir)
+    result = run(from_dict(PipelineConfig, data))
+    return tmp, data, result
+
+
+def test_the_whole_loop_writes_every_stage_and_a_report(finished_run):
+    tmp, _, result = finished_run
+    run_dir = Path(result["run_dir"])
+    expected = {"parent-eval", "pruned", "distill-gsm8k", "sft", "sdd", "evaluate", "drift", "speculate", "profile",
+                "report"}
+    assert expected <= set(_stage_keys(run_dir))
+    scores = json.loads((run_dir / "evaluate" / "scores.json").read_text())
+    assert {Path(m).name for m in scores["models"]} >= {"pruned", "sft", "sdd"}
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "<table>" in html and "data:image/png;base64," in html
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "| sft |" in md and "| sdd |" in md and "Pruning" in md
+
+
+def test_a_rerun_skips_everything(finished_run, caplog):
+    tmp, data, _ = finished_run
+    before = _stage_keys(Path(data["run_dir"]))
+    mtimes = {p: p.stat().st_mtime_ns for p in Path(data["run_dir"]).glob("*/manifest.json")}
+    run(from_dict(PipelineConfig, data))
+    assert _stage_keys(Path(data["run_dir"])) == before
+    assert {p: p.stat().st_mtime_ns for p in Path(data["run_dir"]).glob("*/manifest.json")} == mtimes
+
+
+def test_changing_finetune_reruns_only_it_and_what_follows(finished_run):
+    tmp, data, _ = finished_run
+    run_dir = Path(data["run_dir"])
+    mtimes = {p.parent.name: p.stat().st_mtime_ns for p in run_dir.glob("*/manifest.json")}
+    changed = dict(data, finetune=dict(data["finetune"], learning_rate=5e-4))
+    run(from_dict(PipelineConfig, changed))
+    now = {p.parent.name: p.stat().st_mtime_ns for p in run_dir.glob("*/manifest.json")}
+    rerun = {name for name in now if now[name] != mtimes.get(name)}
+    assert rerun == {"sft", "sdd", "evaluate", "drift", "speculate", "report"}
+
+
+def test_an_interrupted_stage_resumes_and_loses_nothing(finished_run):
+    tmp, data, _ = finished_run
+    run_dir = Path(data["run_dir"])
+    (run_dir / "sdd" / "manifest.json").unlink()  # as if killed before the stage finished
+    distill_mtime = (run_dir / "distill-gsm8k" / "manifest.json").stat().st_mtime_ns
+    run(from_dict(PipelineConfig, data))
+    assert (run_dir / "sdd" / "manifest.json").is_file()
+    assert (run_dir / "distill-gsm8k" / "manifest.json").stat().st_mtime_ns == distill_mtime
+
+
+def test_bad_config_is_rejected_before_any_stage(tmp_path, tiny_model_dir, data_dir, capsys):
+    data = _config(tmp_path, tiny_model_dir, data_dir)
+    data["datasets"][0]["local"] = str(tmp_path / "missing.jsonl")
+    (tmp_path / "c.yaml").write_text(json.dumps(data))
+    assert main(["run", str(tmp_path / "c.yaml")]) == 2
+    assert "missing.jsonl' not found" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["run", str(tmp_path / "c.yaml"), "finetune.lora_rank=4"]) == 2
+    assert "unknown config key 'finetune.lora_rank'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    from selfdistill.config import load_config
+
+    cfg = load_config(PipelineConfig, path)
+    assert cfg.datasets and cfg.prune.num_layers
