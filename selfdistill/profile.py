@@ -99,42 +99,48 @@ def _random_ids(model: Any, seq_len: int) -> Any:
     return torch.randint(3, vocab, (1, seq_len), generator=g).to(model.device)
 
 
-def measure_latency(model: Any, seq_len: int, decode_tokens: int, runs: int) -> dict[str, float]:
-    """Prefill tokens/s over `seq_len` tokens and batch-1 greedy decode tokens/s; medians of `runs` runs."""
+def _time_once(model: Any, ids: Any, decode_tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of one run: a forward over `ids`, then batch-1 greedy steps."""
     import torch
     from transformers import DynamicCache
 
-    ids = _random_ids(model, seq_len)
-    prefill, decode = [], []
     with torch.inference_mode():
-        model(input_ids=ids[:, :8])  # warm-up: first-call allocations are not latency
-        for _ in range(runs):
-            cache = DynamicCache(config=model.config)
-            start = time.perf_counter()
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits
-            prefill.append(seq_len / (time.perf_counter() - start))
-            token = logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            for _ in range(decode_tokens):  # a fixed count: EOS must not shorten the timed run
-                token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            decode.append(decode_tokens / (time.perf_counter() - start))
-    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
-            "prefill_runs": prefill, "decode_runs": decode}
+        cache = DynamicCache(config=model.config)
+        start = time.perf_counter()
+        logits = model(input_ids=ids, cache=cache, use_cache=True).logits
+        prefill = ids.shape[1] / (time.perf_counter() - start)
+        token = logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):  # a fixed count: EOS must not shorten the timed run
+            token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        return prefill, decode_tokens / (time.perf_counter() - start)
 
 
-def profile_model(name: str, cfg: ProfileConfig, device: str, dtype: str) -> dict[str, Any]:
-    from selfdistill.models import load_model
+def measure_latency(models: list[Any], seq_len: int, decode_tokens: int, runs: int) -> list[dict[str, Any]]:
+    """Prefill and decode tokens/s per model, medians of `runs`; the runs interleave the models, so load from
+    other processes on a shared machine hits parent and child alike."""
+    import torch
 
-    model, _ = load_model(name, dtype=dtype, device=device, with_tokenizer=False)
+    samples: list[list[tuple[float, float]]] = [[] for _ in models]
+    for model in models:
+        with torch.inference_mode():
+            model(input_ids=_random_ids(model, 8))  # warm-up: first-call allocations are not latency
+    for _ in tqdm(range(runs), desc="latency", leave=False):
+        for i, model in enumerate(models):
+            samples[i].append(_time_once(model, _random_ids(model, seq_len), decode_tokens))
+    return [{"prefill_tokens_per_s": statistics.median(p for p, _ in runs_),
+             "decode_tokens_per_s": statistics.median(d for _, d in runs_),
+             "prefill_runs": [p for p, _ in runs_], "decode_runs": [d for _, d in runs_]} for runs_ in samples]
+
+
+def static_profile(name: str, model: Any, cfg: ProfileConfig) -> dict[str, Any]:
+    """Parameters and FLOPs per token (paper and, if asked, executed) of one loaded model."""
     params = count_parameters(model)
     row: dict[str, Any] = {"model": name, "layers": len(params["per_layer"]), "parameters": params,
                            "flops_per_token_paper": paper_flops_per_token(params["total"])}
     if cfg.executed_flops:
         row["flops_executed"] = executed_flops(model, cfg.seq_len)
         row["flops_per_token_executed"] = row["flops_executed"]["per_token"]
-    if cfg.latency:
-        row.update(measure_latency(model, cfg.seq_len, cfg.decode_tokens, cfg.runs))
-    del model
     return row
 
 
@@ -152,12 +158,16 @@ def _relative(rows: list[dict[str, Any]]) -> None:
 
 
 def profile(cfg: ProfileConfig) -> dict[str, Any]:
-    """Parameters, FLOPs per token (paper and executed) and latency of each model, in one process."""
-    from selfdistill.models import resolve_device, resolve_dtype
+    """Parameters, FLOPs per token (paper and executed) and latency of each model, all in one process."""
+    from selfdistill.models import load_model, resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    rows = [profile_model(name, cfg, device, dtype) for name in tqdm(cfg.model, desc="profile", leave=False)]
+    models = [load_model(name, dtype=dtype, device=device, with_tokenizer=False)[0] for name in cfg.model]
+    rows = [static_profile(name, model, cfg) for name, model in zip(cfg.model, tqdm(models, desc="FLOPs", leave=False))]
+    if cfg.latency:
+        for row, timing in zip(rows, measure_latency(models, cfg.seq_len, cfg.decode_tokens, cfg.runs)):
+            row.update(timing)
     _relative(rows)
     result = {"seq_len": cfg.seq_len, "decode_tokens": cfg.decode_tokens, "runs": cfg.runs, "dtype": dtype,
               "device": device, "threads": _threads(), "models": rows}
