@@ -116,5 +116,7 @@ def test_bad_config_is_rejected_before_any_stage(tmp_path, tiny_model_dir, data_
 def test_every_shipped_config_validates(path):
     from selfdistill.config import load_config
 
-    cfg = load_config(PipelineConfig, path)
-    assert cfg.datasets and cfg.prune.num_layers
+    from selfdistill.pipeline import stage_config
+
+    cfg = load_config(PipelineConfig, path)  # validates every stage section too
+    assert cfg.datasets and stage_config(cfg, "prune").num_layers == 6
