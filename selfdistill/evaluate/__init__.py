@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import re
 import time
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selfdistill.config import opt, to_dict
-from selfdistill.errors import UserError
 from selfdistill.evaluate.drift import drift
 from selfdistill.evaluate.presets import PRESETS, TASKS_DIR, TaskSpec, check_data_dir, select_tasks
 from selfdistill.evaluate.retention import paired_bootstrap, per_doc, retention, signal_tasks, task_score
@@ -144,7 +144,7 @@ def score_models(raw: dict[str, dict[str, Any]], specs: dict[str, TaskSpec], bas
     signal = signal_tasks(parent)
     out["chance_tasks"] = [t for t in specs if t not in signal]
     out["signal_tasks"] = signal
-    for name, m in models.items():
+    for m in models.values():
         full, sig = retention(m["tasks"], parent), retention(m["tasks"], parent, signal)
         m.update(retention=full["retention"], chance_corrected_retention=full["chance_corrected_retention"],
                  per_task_ratio=full["per_task_ratio"], per_task_chance_corrected=full["per_task_chance_corrected"],
@@ -152,10 +152,21 @@ def score_models(raw: dict[str, dict[str, Any]], specs: dict[str, TaskSpec], bas
     children = [n for n in models if n != baseline]
     for a, b in itertools.combinations(children, 2):
         for which, tasks in (("all", list(specs)), ("signal", signal)):
-            pick = lambda d: {t: d[t] for t in tasks}  # noqa: E731
-            ci = paired_bootstrap(pick(docs[a]), pick(docs[b]), pick(docs[baseline]), iters=bootstrap_iters, seed=seed)
+            a_docs, b_docs, p_docs = ({t: docs[n][t] for t in tasks} for n in (a, b, baseline))
+            ci = paired_bootstrap(a_docs, b_docs, p_docs, iters=bootstrap_iters, seed=seed)
             out["pairwise"].append({"a": a, "b": b, "over": which, **ci})
     return out
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf -> None, so scores.json is strict JSON (e.g. a ratio over a parent scoring 0)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -196,11 +207,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "subset": f"seeded subsets (seed {cfg.seed})" if cfg.limit or cfg.preset == "cpu" else "full splits",
         "data_dir": str(data_dir) if data_dir else None,
         "wall_time_s": {n: r["selfdistill"]["wall_time_s"] for n, r in raw.items()}}
-    atomic_write_json(out / "scores.json", scores)
+    atomic_write_json(out / "scores.json", _finite(scores))
     write_markdown(scores, out / "scores.md")
     bar_chart(scores, out / "scores.png")
     write_manifest(out, config=to_dict(cfg), inputs={n: p for n, p in paths.items() if Path(p).exists()},
                    seed=cfg.seed, started=started)
-    return {"out": str(out), "average": {n: m["average"] for n, m in scores["models"].items()},
-            "retention": {n: m.get("retention") for n, m in scores["models"].items()},
-            "chance_tasks": scores.get("chance_tasks", [])}
+    return _finite({"out": str(out), "average": {n: m["average"] for n, m in scores["models"].items()},
+                    "retention": {n: m.get("retention") for n, m in scores["models"].items()},
+                    "chance_tasks": scores.get("chance_tasks", [])})

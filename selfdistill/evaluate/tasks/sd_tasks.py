@@ -75,12 +75,10 @@ def _hellaswag_preprocess(text: str) -> str:
 def _capitalize_last_clause(ctx: str) -> str:
     """The text form joins ctx_a and ctx_b; lm-eval capitalizes ctx_b. Its split point is lost, so
     capitalize the first letter after the last sentence end (where ctx_b starts in almost all rows)."""
-    m = None
-    for m in re.finditer(r"[.!?] (\w)", ctx):
-        pass
-    if m is None:
+    starts = [m.start(1) for m in re.finditer(r"[.!?] (\w)", ctx)]
+    if not starts:
         return ctx
-    i = m.start(1)
+    i = starts[-1]
     return ctx[:i] + ctx[i].upper() + ctx[i + 1:]
 
 
