@@ -1,0 +1,202 @@
+"""Self-data distillation: the unpruned parent rewrites a dataset's answers; verified rewrites replace them.
+
+Thangarasa et al., arXiv 2410.09982 §2, after SDFT (Yang et al., arXiv 2402.13669). `distill(cfg)`
+writes `cfg.out` (JSONL, one row per input, in input order, appended as rows finish, resumable) and
+`stats.json` beside it. Under `accelerate launch`/`torchrun` each process rewrites one contiguous
+shard into `<out>.partR-of-N` and rank 0 appends the shards to `out` in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfdistill.config import opt, to_dict
+from selfdistill.data import Example, load_examples
+from selfdistill.distill.generate import BACKENDS, GenParams
+from selfdistill.distill.prompts import RewritePrompt, check_template, render_rewrite
+from selfdistill.distill.records import (check_prefix, make_row, open_for_append, read_complete, summarize,
+                                         sync, write_row)
+from selfdistill.distill.verify import DEFAULT_VERIFIERS, VERIFIERS, VerifyOptions, verify
+from selfdistill.errors import UserError
+from selfdistill.models import DEFAULT_MODEL, resolve_device, resolve_dtype
+from selfdistill.rundir import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DistillConfig", "distill"]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    dataset: str = opt("", "data file (.jsonl/.json/.csv/.parquet) or hub dataset id")
+    out: str = opt("distilled.jsonl", "output JSONL; stats.json is written beside it")
+    teacher: str = opt(DEFAULT_MODEL, "the unpruned parent: built-in alias, HF folder, .gguf or hub id")
+    recipe: str | None = opt(None, "gsm8k, dolly, alpaca, openmathinstruct, arc, generic (default: detect)")
+    fields: list[str] = opt([], "field mapping for the generic recipe, e.g. prompt=q response=a")
+    split: str = opt("train", "hub dataset split")
+    subset: str | None = opt(None, "hub dataset configuration")
+    limit: int | None = opt(None, "rows to rewrite (after offset)")
+    offset: int = opt(0, "skip this many good rows first")
+    on_bad_row: str = opt("fail", "fail or skip malformed rows")
+    system_prompt: str | None = opt(None, "system turn added to the training prompt")
+    backend: str = opt("hf", "generation backend: hf (refilling batched engine) or vllm")
+    batch_size: int = opt(32, "rows decoded at once (slots of the engine)")
+    max_new_tokens: int = opt(512, "limit per rewrite")
+    temperature: float = opt(0.0, "0 = greedy; SDFT sampled with 0.95")
+    top_p: float = opt(1.0, "nucleus sampling mass (SDFT: 0.7)")
+    refill: int = opt(0, "hf: refill when this many slots are free (0 = batch_size/8)")
+    verifiers: list[str] = opt([], "chain of blacklist, math, similarity, none (default: per recipe)")
+    similarity_floor: float = opt(0.0, "ROUGE-L F1 floor for the similarity verifier")
+    keep_truncated: bool = opt(False, "keep rewrites that hit max_new_tokens")
+    rewrite_system: str | None = opt(None, "system prompt of the rewrite request (default: SDFT's)")
+    rewrite_template: str | None = opt(None, "user turn with {instruction} and {reference} (default: SDFT's)")
+    prefill: str | None = opt(None, "start of the parent's answer (default: math 'Great! Let's think step by step. ')")
+    dtype: str = opt("auto", "auto (bf16 where native), float32, bfloat16, float16")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend '{self.backend}' (choose from {', '.join(BACKENDS)})")
+        if self.on_bad_row not in ("fail", "skip"):
+            raise ValueError(f"on_bad_row must be fail or skip, not '{self.on_bad_row}'")
+        for name in self.verifiers:
+            if name not in VERIFIERS:
+                raise ValueError(f"unknown verifier '{name}' (choose from {', '.join(VERIFIERS)})")
+        if self.limit is not None and self.limit < 1 or self.offset < 0:
+            raise ValueError("limit must be >= 1 and offset >= 0")
+
+
+def _field_map(items: list[str]) -> dict[str, str] | None:
+    if not items:
+        return None
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        raise UserError(f"--fields '{bad[0]}' must look like role=column (e.g. prompt=question)")
+    return dict(i.split("=", 1) for i in items)
+
+
+def _world(device: str) -> tuple[Any, int, int]:
+    """(accelerate state or None, rank, world size) — one process unless launched distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, 0, 1
+    from accelerate import PartialState
+
+    # Without cpu=True accelerate sees no GPU and quietly runs every process alone (gloo needs it).
+    state = PartialState(cpu=resolve_device(device) == "cpu")
+    return state, state.process_index, state.num_processes
+
+
+def distill(cfg: DistillConfig) -> dict[str, Any]:
+    """Rewrite `cfg.dataset` with the parent; returns the stats also written to stats.json."""
+    started = time.time()
+    if not cfg.dataset:
+        raise UserError("no dataset given (--dataset PATH or hub id)")
+    out = Path(cfg.out).expanduser()
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name such as {out / 'distilled.jsonl'}")
+    prompt = RewritePrompt(cfg.rewrite_system, cfg.rewrite_template, cfg.prefill)
+    if cfg.rewrite_template is not None:
+        check_template(cfg.rewrite_template)
+    examples = load_examples(cfg.dataset, cfg.recipe, fields=_field_map(cfg.fields), limit=cfg.limit,
+                             offset=cfg.offset, split=cfg.split, subset=cfg.subset, on_bad_row=cfg.on_bad_row,
+                             system_prompt=cfg.system_prompt)
+    done_rows, keep_bytes = read_complete(out)
+    check_prefix(out, done_rows, examples)
+    state, rank, world = _world(cfg.device)
+    todo = list(range(len(done_rows), len(examples)))
+    if world > 1:
+        todo = todo[rank * len(todo) // world:(rank + 1) * len(todo) // world]
+    gen_stats = {"generated_tokens": 0, "generation_s": 0.0}
+    if todo:
+        device = resolve_device(cfg.device)
+        if state is not None and device == "cuda":
+            device = str(state.device)  # cuda:<local rank>
+        dtype = resolve_dtype(cfg.dtype, device)
+        tok, generate = BACKENDS[cfg.backend](cfg.teacher, dtype, device)
+        target = out if world == 1 else _part(out, rank, world)
+        gen_stats = _run(cfg, examples, todo, prompt, tok, generate, target,
+                         keep_bytes if world == 1 else None)
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        shards = gather_object([gen_stats])  # also the barrier: every shard file is complete
+        gen_stats = {"generated_tokens": sum(g["generated_tokens"] for g in shards),
+                     "generation_s": max(g["generation_s"] for g in shards)}
+        if rank != 0:
+            return {"rank": rank, "rows": len(todo), **gen_stats}
+        _merge_parts(out, keep_bytes, world)
+    rows, _ = read_complete(out)
+    stats = {**summarize(rows), "rows_this_run": len(rows) - len(done_rows), "resumed_after": len(done_rows),
+             **gen_stats, "tokens_per_s": round(gen_stats["generated_tokens"] / gen_stats["generation_s"], 1)
+             if gen_stats["generation_s"] else None, "processes": world,
+             "wall_time_s": round(time.time() - started, 2), "config": to_dict(cfg)}
+    atomic_write_json(out.parent / "stats.json", stats)
+    return {k: v for k, v in stats.items() if k != "config"}
+
+
+def _part(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.part{rank}-of-{world}")
+
+
+def _merge_parts(out: Path, keep_bytes: int, world: int) -> None:
+    """Rank 0: append every shard's rows to `out` in rank order (= input order), then drop the shards."""
+    parts = [_part(out, r, world) for r in range(world)]
+    with open_for_append(out, keep_bytes) as f:
+        for part in parts:
+            rows, _ = read_complete(part)
+            for row in rows:
+                write_row(f, row)
+        sync(f)
+    for part in parts:
+        part.unlink(missing_ok=True)
+
+
+def _run(cfg: DistillConfig, examples: list[Example], todo: list[int], prompt: RewritePrompt, tok: Any,
+         generate: Any, target: Path, keep_bytes: int | None) -> dict[str, Any]:
+    """Generate rewrites for `todo`, verify them, append rows to `target` in input order."""
+    from tqdm.auto import tqdm
+
+    if keep_bytes is None:  # this rank's shard file: resume it if it holds our rows
+        prior, keep_bytes = read_complete(target)
+        if [str(r["id"]) for r in prior] != [examples[i].id for i in todo[:len(prior)]]:
+            log.warning("%s holds rows of another sharding; starting the shard over", target)
+            target.unlink(missing_ok=True)
+            prior, keep_bytes = [], 0
+        todo = todo[len(prior):]
+    rendered = {i: render_rewrite(examples[i], tok, prompt) for i in todo}
+    ids = {i: tok(text, add_special_tokens=False)["input_ids"] for i, (text, _) in rendered.items()}
+    params = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                       seed=cfg.seed, batch_size=cfg.batch_size, refill=cfg.refill)
+    options = VerifyOptions(similarity_floor=cfg.similarity_floor)
+    pending: dict[int, dict[str, Any]] = {}
+    pos, generated, t0 = 0, 0, time.time()
+    with open_for_append(target, keep_bytes) as f, \
+            tqdm(total=len(todo), desc="distill", unit="row", disable=not todo) as bar:
+        for res in generate(((i, ids[i]) for i in todo), params):
+            ex, prefill = examples[res.index], rendered[res.index][1]
+            rewrite = (prefill + tok.decode(res.tokens, skip_special_tokens=True)).strip()
+            names = cfg.verifiers or DEFAULT_VERIFIERS.get(ex.kind, ["blacklist"])
+            verdicts, reason = verify(rewrite, ex, names, options)
+            if res.finish == "length" and not cfg.keep_truncated:
+                verdicts["complete"] = False
+                reason = f"truncated: stopped at max_new_tokens={cfg.max_new_tokens}"
+            pending[res.index] = make_row(ex, rewrite, verdicts, reason, res.finish, len(ids[res.index]),
+                                          len(res.tokens))
+            generated += len(res.tokens)
+            while pos < len(todo) and todo[pos] in pending:  # write in input order
+                write_row(f, pending.pop(todo[pos]))
+                pos += 1
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{generated / max(time.time() - t0, 1e-9):.0f}")
+        sync(f)
+    return {"generated_tokens": generated, "generation_s": round(time.time() - t0, 2)}

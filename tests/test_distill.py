@@ -1,0 +1,173 @@
+"""Self-data distillation stage: engine exactness, order, resume, shards, stats, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfdistill.config import from_dict
+from selfdistill.distill import DistillConfig, distill
+from selfdistill.distill.generate import GenParams, generate_hf, length_sorted
+from selfdistill.distill.prompts import MATH_PREFILL, render_rewrite
+from selfdistill.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core box threads make them 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(teacher, dataset, out, /, **kw) -> DistillConfig:
+    base = dict(teacher=str(teacher), dataset=str(dataset), recipe="gsm8k", limit=6, batch_size=3,
+                max_new_tokens=6, dtype="float32", device="cpu", out=str(out))
+    return from_dict(DistillConfig, {**base, **kw})
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, gsm8k_train, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "distilled.jsonl"
+    distill(_cfg(tiny_model_dir, gsm8k_train, out))
+    return out
+
+
+def test_refill_engine_equals_one_at_a_time_generate():
+    """Greedy ids of the refilling engine (3 slots, refills, left growth) == plain generate per prompt."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import make_model, make_tokenizer
+
+    model, tok = make_model(layers=3, seed=3), make_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    prompts = [(i, torch.randint(3, 260, (int(n),), generator=g).tolist())
+               for i, n in enumerate(torch.randint(2, 30, (11,), generator=g))]
+    stops = (17, 40, 99)
+    params = GenParams(max_new_tokens=9, batch_size=3, stop_ids=stops, refill=1)
+    got = {r.index: r for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
+    assert sorted(got) == list(range(11))
+    for i, ids in prompts:
+        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=9, do_sample=False, eos_token_id=list(stops), pad_token_id=2)
+        ref = ref[0, len(ids):].tolist()
+        finish = "stop" if ref and ref[-1] in stops else "length"
+        assert got[i].tokens == [t for t in ref if t not in stops] and got[i].finish == finish, i
+
+
+def test_rows_in_input_order_with_contract_fields(tiny_run, gsm8k_train):
+    rows = _lines(tiny_run)
+    assert [r["id"] for r in rows] == [f"gsm8k-{i}" for i in range(6)]
+    first = json.loads(gsm8k_train.read_text().splitlines()[0])
+    assert rows[0]["messages"] == [{"role": "user", "content": first["question"]}]
+    assert rows[0]["original"] == first["answer"]
+    for r in rows:
+        assert r["rewrite"].startswith(MATH_PREFILL.strip())
+        assert r["response"] == (r["rewrite"] if r["used"] == "rewrite" else r["original"])
+        assert r["generated_tokens"] == 6 and r["finish"] == "length" and r["prompt_tokens"] > 100
+        assert r["used"] == "original" and r["reason"].startswith("truncated")  # random model never stops
+        assert set(r["verdicts"]) == {"blacklist", "math", "complete"}
+    stats = json.loads((tiny_run.parent / "stats.json").read_text())
+    assert stats["rows"] == 6 and stats["rewrites_rejected"] == 6 and stats["rejected_by_reason"] == {"truncated": 6}
+    assert stats["generated_tokens"] == 36 and stats["tokens_per_s"] > 0
+
+
+def test_keep_rewrite_when_verifiers_pass(tiny_model_dir, gsm8k_train, tmp_path):
+    out = tmp_path / "d.jsonl"
+    stats = distill(_cfg(tiny_model_dir, gsm8k_train, out, limit=2, verifiers=["none"], keep_truncated=True))
+    rows = _lines(out)
+    assert stats["rewrites_kept"] == 2 and all(r["used"] == "rewrite" and r["response"] == r["rewrite"] for r in rows)
+
+
+def test_resume_after_crash_mid_file(tiny_run, tiny_model_dir, gsm8k_train, tmp_path):
+    full = tiny_run.read_bytes()
+    lines = full.splitlines(keepends=True)
+    out = tmp_path / "d.jsonl"
+    out.write_bytes(b"".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # killed while writing row 3
+    stats = distill(_cfg(tiny_model_dir, gsm8k_train, out))
+    assert out.read_bytes() == full
+    assert stats["resumed_after"] == 2 and stats["rows_this_run"] == 4 and stats["rows"] == 6
+    again = distill(_cfg(tiny_model_dir, gsm8k_train, out))  # complete: nothing to do, nothing duplicated
+    assert out.read_bytes() == full and again["rows_this_run"] == 0
+
+
+def test_bad_inputs_leave_partial_output_intact(tiny_run, tiny_model_dir, gsm8k_train, tmp_path):
+    out = tmp_path / "d.jsonl"
+    partial = b"".join(tiny_run.read_bytes().splitlines(keepends=True)[:2]) + b'{"id": "gsm8k-2", "mess'
+    out.write_bytes(partial)
+    cases = [
+        (dict(dataset=str(tmp_path / "missing.jsonl")), "dataset not found"),
+        (dict(teacher=str(tmp_path / "no-model")), "model not found"),
+        (dict(recipe="poetry"), "unknown recipe 'poetry'"),
+        (dict(offset=3), "does not match input row"),
+        (dict(rewrite_template="{instruction} only"), "must contain {reference}"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(UserError, match=message):
+            distill(_cfg(tiny_model_dir, gsm8k_train, out, **overrides))
+        assert out.read_bytes() == partial
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"question": "q1", "answer": "a #### 1"}\n{"question": "q2", "answer": ""}\n\xff\xfe\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: field 'answer' is empty"):
+        distill(_cfg(tiny_model_dir, bad, out))
+    assert out.read_bytes() == partial
+    with pytest.raises(UserError, match="not installed"):
+        distill(_cfg(tiny_model_dir, gsm8k_train, tmp_path / "v.jsonl", backend="vllm"))
+
+
+def test_cli_and_yaml(tiny_model_dir, gsm8k_train, tmp_path):
+    yaml_file = tmp_path / "distill.yaml"
+    yaml_file.write_text(f"teacher: {tiny_model_dir}\ndataset: {gsm8k_train}\nrecipe: gsm8k\nlimit: 2\n"
+                         f"max_new_tokens: 3\ndtype: float32\nout: {tmp_path / 'y.jsonl'}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run([sys.executable, "-m", "selfdistill", "distill", str(yaml_file), "--batch-size", "2"],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert len(_lines(tmp_path / "y.jsonl")) == 2 and (tmp_path / "stats.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "selfdistill", "distill", str(yaml_file), "--verifiers", "exact"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "unknown verifier 'exact'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_two_process_shards_merge_in_input_order(tiny_run, tiny_model_dir, gsm8k_train, tmp_path):
+    out = tmp_path / "dp.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "selfdistill", "distill", "--teacher", str(tiny_model_dir), "--dataset", str(gsm8k_train),
+           "--recipe", "gsm8k", "--limit", "6", "--batch-size", "3", "--max-new-tokens", "6",
+           "--dtype", "float32", "--device", "cpu", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert out.read_bytes() == tiny_run.read_bytes()  # same rows, same order as one process
+    assert not list(tmp_path.glob("dp.jsonl.part*"))
+    assert json.loads((tmp_path / "stats.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_real_parent_distills_four_gsm8k_rows(real_model_dir, gsm8k_train, tmp_path):
+    out = tmp_path / "real.jsonl"
+    stats = distill(from_dict(DistillConfig, dict(teacher="smollm2-135m-instruct", dataset=str(gsm8k_train),
+                                                  recipe="gsm8k", limit=4, batch_size=4, max_new_tokens=200,
+                                                  out=str(out))))
+    rows = _lines(out)
+    assert [r["id"] for r in rows] == [f"gsm8k-{i}" for i in range(4)] and stats["rows"] == 4
+    assert all(r["rewrite"].startswith("Great! Let's think step by step.") for r in rows)
+    from selfdistill.distill.verify import final_answer, same_answer
+
+    for r, ref in zip(rows, (json.loads(x)["answer"] for x in gsm8k_train.read_text().splitlines()[:4])):
+        assert set(r["verdicts"]) >= {"blacklist", "math"}
+        if r["used"] == "rewrite":  # a kept rewrite really reaches the reference's answer
+            assert same_answer(final_answer(r["rewrite"]), ref.split("####")[-1].strip())
+    assert stats["rewrites_kept"] + stats["rewrites_rejected"] == 4 and stats["generated_tokens"] > 20
