@@ -11,7 +11,7 @@ from tiny import make_model, make_tokenizer
 
 from selfdistill.config import from_dict
 from selfdistill.errors import UserError
-from selfdistill.merge import MergeConfig, merge, merge_state, t_for, parse_t_groups
+from selfdistill.merge import MergeConfig, merge, merge_state, parse_t_groups, t_for
 from selfdistill.merge.linear import lerp
 from selfdistill.merge.slerp import slerp
 

@@ -10,8 +10,7 @@ from tiny import make_model
 
 from selfdistill.config import from_dict
 from selfdistill.errors import UserError
-from selfdistill.profile import (ProfileConfig, count_parameters, executed_flops, paper_flops_per_token,
-                                 profile)
+from selfdistill.profile import ProfileConfig, count_parameters, executed_flops, paper_flops_per_token, profile
 
 
 def test_llama31_8b_six_layers_is_16_30_percent():
