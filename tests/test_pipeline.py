@@ -120,3 +120,28 @@ def test_every_shipped_config_validates(path):
 
     cfg = load_config(PipelineConfig, path)  # validates every stage section too
     assert cfg.datasets and stage_config(cfg, "prune").num_layers == 6
+
+
+def test_report_renders_in_headless_chromium(finished_run):
+    """Tables and embedded plots render in a real browser (skipped where Chromium is not installed)."""
+    import shutil
+    import sys
+
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from check_report_html import check
+
+    _, data, _ = finished_run
+    counts = check(Path(data["run_dir"]) / "report" / "report.html")
+    assert counts["tables"] >= 4 and counts["rows"] >= 8
+    assert counts["images"] >= 2 and counts["decoded"] == counts["images"]
+
+
+def test_from_stage_reruns_that_stage_and_everything_after(finished_run):
+    _, data, _ = finished_run
+    run_dir = Path(data["run_dir"])
+    mtimes = {p.parent.name: p.stat().st_mtime_ns for p in run_dir.glob("*/manifest.json")}
+    run(from_dict(PipelineConfig, dict(data, from_stage="speculate")))
+    now = {p.parent.name: p.stat().st_mtime_ns for p in run_dir.glob("*/manifest.json")}
+    assert {name for name in now if now[name] != mtimes.get(name)} == {"speculate", "profile", "report"}
