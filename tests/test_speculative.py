@@ -191,3 +191,15 @@ def test_real_model_as_its_own_draft_accepts_everything(real_model_dir, data_dir
     assert row["lossless"] and row["draft_acceptance_rate"] == 1.0
     assert row["acceptance_per_position"] == [1.0] * 4 and row["mean_acceptance_length"] == 5.0
     assert row["emitted_tokens"] == 16 and row["target_forward_passes"] == 1 + 3  # prefill + 3 rounds of 5
+
+
+def test_reference_ignores_the_checkpoints_sampling_settings():
+    from selfdistill.speculative import _hf_generate
+
+    model = _lively(make_model(layers=2), 0)
+    model.generation_config.repetition_penalty, model.generation_config.do_sample = 3.0, True
+    cfg = SpeculateConfig(draft=["unused"], prompts="unused", max_new_tokens=12, k=2)
+    reference = greedy_generate(ModelRunner(model), [100, 3, 77], 12, eos={2})
+    assert _hf_generate(model, [100, 3, 77], cfg, {2}, 2) == reference
+    assert _hf_generate(model, [100, 3, 77], cfg, {2}, 2, assistant=_lively(make_model(layers=2), 1)) == reference
+    assert model.generation_config.repetition_penalty == 3.0  # restored afterwards

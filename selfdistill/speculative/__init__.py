@@ -80,21 +80,34 @@ def eos_ids(tok: Any, model: Any) -> set[int]:
     return ids
 
 
+def _greedy_config(cfg: SpeculateConfig, eos: set[int], pad: int, **extra: Any) -> Any:
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=sorted(eos),
+                            pad_token_id=pad, **extra)
+
+
 def _hf_generate(model: Any, prompt: list[int], cfg: SpeculateConfig, eos: set[int], pad: int,
                  assistant: Any = None) -> list[int]:
     """transformers' greedy generate (plain or assisted); returns the new tokens."""
     ids = torch.tensor([prompt], device=model.device)
-    kwargs: dict[str, Any] = {}
+    # generate() fills unset options from the checkpoint's generation_config (sampling, repetition penalty), so
+    # both models get a plain greedy config for the call; the assistant's also fixes k and turns off its
+    # confidence early exit, so the comparison with our loop is like for like.
+    configs = {model: _greedy_config(cfg, eos, pad)}
     if assistant is not None:
-        # A fixed k, no confidence early-exit, so the comparison with our loop is like for like.
-        gc = assistant.generation_config
-        gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = cfg.k, "constant"
-        gc.assistant_confidence_threshold = 0.0
-        kwargs["assistant_model"] = assistant
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
-                             do_sample=False, temperature=None, top_p=None, top_k=None,
-                             eos_token_id=sorted(eos), pad_token_id=pad, **kwargs)
+        configs[assistant] = _greedy_config(cfg, eos, pad, num_assistant_tokens=cfg.k,
+                                            num_assistant_tokens_schedule="constant",
+                                            assistant_confidence_threshold=0.0)
+    saved = {m: m.generation_config for m in configs}
+    try:
+        for m, gen in configs.items():
+            m.generation_config = gen
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant)
+    finally:
+        for m, gen in saved.items():
+            m.generation_config = gen
     return out[0, len(prompt):].tolist()
 
 
