@@ -139,6 +139,13 @@ def test_bad_input_one_line_errors(pair, tmp_path):
     with pytest.raises(UserError, match="num_hidden_layers|only one"):
         merge(MergeConfig(models=[str(a_dir), str(other)], out=out))
     assert not out.exists()
+    odd = tmp_path / "odd-vocab"  # same shapes, different tokenizer
+    make_model(layers=4, seed=3).save_pretrained(odd)
+    tok = make_tokenizer()
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(odd)
+    with pytest.raises(UserError, match="tokenizers differ"):
+        merge(MergeConfig(models=[str(a_dir), str(odd)], out=out))
 
 
 def test_cli_merge_error_exit_code(pair, tmp_path):
