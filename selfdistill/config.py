@@ -63,9 +63,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str) and item_tp is not str:
-            value = [v for v in value.split(",") if v.strip()]  # "0.25,0.5" from a CLI flag
-            value = [yaml.safe_load(v) for v in value]
+        if item_tp is not str and isinstance(value, (str, list, tuple)):
+            # "0.25,0.5" from YAML or `--t-grid 0.25,0.5` (which argparse hands over as ["0.25,0.5"])
+            parts = [value] if isinstance(value, str) else value
+            value = [yaml.safe_load(p) if isinstance(p, str) else p
+                     for part in parts for p in (part.split(",") if isinstance(part, str) else [part])
+                     if not isinstance(p, str) or p.strip()]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key '{key}': expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]

@@ -58,6 +58,7 @@ def test_yaml_with_dotted_overrides(tmp_path):
 
 def test_comma_separated_list_from_a_flag():
     assert from_dict(Outer, {"grid": "0.25,0.5"}).grid == [0.25, 0.5]
+    assert from_dict(Outer, {"grid": ["0.25,0.5", "0.75"]}).grid == [0.25, 0.5, 0.75]  # argparse's shape
 
 
 def test_invalid_yaml_names_the_file_and_line(tmp_path):
