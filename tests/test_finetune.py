@@ -267,8 +267,8 @@ def test_real_model_pruned_lora_8_steps(real_model_dir, gsm8k_train, tmp_path):
     model.config.num_hidden_layers = len(model.model.layers)
     child = save_model(model, tok, tmp_path / "child")
     out = tmp_path / "out"
-    result = finetune(FinetuneConfig(model=str(child), data=str(gsm8k_train), responses="original", limit=16,
-                                     out=str(out), max_steps=8, batch_size=2, grad_accum=1, max_length=128))
+    result = finetune(FinetuneConfig(model=str(child), data=str(gsm8k_train), responses="original", limit=8,
+                                     out=str(out), max_steps=8, batch_size=1, grad_accum=1, max_length=128))
     assert result["steps"] == 8 and read_manifest(out) is not None
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 24
