@@ -159,7 +159,7 @@ def test_two_process_shards_merge_in_input_order(tiny_run, tiny_model_dir, gsm8k
 def test_real_parent_distills_four_gsm8k_rows(real_model_dir, gsm8k_train, tmp_path):
     out = tmp_path / "real.jsonl"
     stats = distill(from_dict(DistillConfig, dict(teacher="smollm2-135m-instruct", dataset=str(gsm8k_train),
-                                                  recipe="gsm8k", limit=4, batch_size=4, max_new_tokens=200,
+                                                  recipe="gsm8k", limit=4, batch_size=4, max_new_tokens=160,
                                                   out=str(out))))
     rows = _lines(out)
     assert [r["id"] for r in rows] == [f"gsm8k-{i}" for i in range(4)] and stats["rows"] == 4
