@@ -40,6 +40,7 @@ def test_every_local_task_runs_on_a_tiny_model(tmp_path, tiny_model_dir, tiny_ch
     for name, m in scores["models"].items():
         for task, s in m["tasks"].items():
             assert s["n"] == 2 and 0 <= s["value"] <= 1, (name, task, s)
+            assert isinstance(s["at_chance"], bool) and math.isfinite(s["stderr"])
             assert s["metric"] == scores["settings"]["tasks"][task]["metric"]
     chance = scores["models"][str(tiny_model_dir)]["tasks"]
     assert chance["mmlu"]["chance"] == 0.25 and chance["winogrande"]["chance"] == 0.5 and chance["gsm8k"]["chance"] == 0

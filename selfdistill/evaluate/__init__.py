@@ -134,6 +134,8 @@ def score_models(raw: dict[str, dict[str, Any]], specs: dict[str, TaskSpec], bas
     docs: dict[str, dict[str, dict[Any, float]]] = {}
     for name, res in raw.items():
         tasks = {t: task_score(_task_samples(res, s.task), s.metric) for t, s in specs.items()}
+        for t in tasks:  # per model too, so a run without a baseline still shows which tasks carry signal
+            tasks[t]["at_chance"] = t not in signal_tasks({t: tasks[t]})
         docs[name] = {t: per_doc(_task_samples(res, s.task), s.metric) for t, s in specs.items()}
         vals = [v["value"] for v in tasks.values()]
         models[name] = {"tasks": tasks, "average": sum(vals) / len(vals) if vals else float("nan")}
