@@ -62,6 +62,7 @@ def main() -> None:
     got = {r.index: r.tokens for r in generate_hf(model, tok, length_sorted(list(enumerate(ids)), 8 * args.batch_size), params)}
     engine_s = time.perf_counter() - t0
     engine_tokens = sum(len(v) for v in got.values())
+    print(f"engine: {engine_tokens} tokens in {engine_s:.1f} s", file=sys.stderr, flush=True)
 
     single_n = args.single_n or args.n
     single, single_s = one_at_a_time(model, ids[:single_n], args.max_new_tokens, stops)
