@@ -14,7 +14,7 @@ import torch
 from selfdistill.config import from_dict
 from selfdistill.distill import DistillConfig, distill
 from selfdistill.distill.generate import GenParams, generate_hf, length_sorted
-from selfdistill.distill.prompts import MATH_PREFILL, render_rewrite
+from selfdistill.distill.prompts import MATH_PREFILL
 from selfdistill.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from typing import Any
 
 from selfdistill.config import opt, to_dict
 from selfdistill.data import Example, load_examples
-from selfdistill.distill.generate import BACKENDS, GenParams
+from selfdistill.distill.backends import BACKENDS
+from selfdistill.distill.generate import GenParams
 from selfdistill.distill.prompts import RewritePrompt, check_template, render_rewrite
-from selfdistill.distill.records import (check_prefix, make_row, open_for_append, read_complete, summarize,
-                                         sync, write_row)
+from selfdistill.distill.records import check_prefix, make_row, open_for_append, read_complete, summarize, sync, write_row
 from selfdistill.distill.verify import DEFAULT_VERIFIERS, VERIFIERS, VerifyOptions, verify
 from selfdistill.errors import UserError
 from selfdistill.models import DEFAULT_MODEL, resolve_device, resolve_dtype

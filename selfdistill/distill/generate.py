@@ -1,6 +1,6 @@
-"""Generation backends for the rewrites: a refilling batched engine on transformers, and vLLM.
+"""The refilling batched generation engine (continuous batching) on a transformers model.
 
-`hf` keeps `batch_size` slots busy: a finished row's slot is refilled with the next prompt instead
+The engine keeps `batch_size` slots busy: a finished row's slot is refilled with the next prompt instead
 of idling until the longest row ends (continuous batching). Its KV cache is one preallocated
 buffer per layer whose window slides right as tokens are added, so a decode step writes in place
 instead of concatenating the whole cache. Greedy by default; results are yielded as rows finish.
@@ -9,11 +9,9 @@ instead of concatenating the whole cache. Greedy by default; results are yielded
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-
-from selfdistill.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -289,59 +287,3 @@ def generate_hf(model: Any, tokenizer: Any, prompts: Iterable[tuple[int, list[in
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else params.stop_ids[0]
     return RefillEngine(model, params, pad).run(prompts)
 
-
-GenerateFn = Callable[[Iterable[tuple[int, list[int]]], GenParams], Iterator[Result]]
-
-
-def open_hf(teacher: str, dtype: str, device: str) -> tuple[Any, GenerateFn]:
-    from selfdistill.models import load_model
-
-    model, tok = load_model(teacher, dtype=dtype, device=device)
-    params_stop = stop_token_ids(tok, model)
-
-    def run(prompts: Iterable[tuple[int, list[int]]], params: GenParams) -> Iterator[Result]:
-        window = max(1, 8 * params.batch_size)
-        params = GenParams(**{**params.__dict__, "stop_ids": params.stop_ids or params_stop})
-        return generate_hf(model, tok, length_sorted(prompts, window), params)
-
-    return tok, run
-
-
-def open_vllm(teacher: str, dtype: str, device: str) -> tuple[Any, GenerateFn]:
-    """vLLM does its own continuous batching; we hand it a window of prompts at a time so rows stream out."""
-    try:
-        import vllm
-    except ImportError:
-        raise UserError("backend 'vllm' needs vLLM, which is not installed "
-                        "(pip install 'selfdistill[vllm]', Linux + CUDA)") from None
-    from selfdistill.models import resolve_model
-
-    llm = vllm.LLM(model=resolve_model(teacher), dtype=dtype, enforce_eager=False)
-    tok = llm.get_tokenizer()
-
-    def run(prompts: Iterable[tuple[int, list[int]]], params: GenParams) -> Iterator[Result]:
-        stops = params.stop_ids or stop_token_ids(tok)
-        sampling = vllm.SamplingParams(temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-                                       max_tokens=params.max_new_tokens, stop_token_ids=list(stops))
-        for chunk in _chunks(prompts, max(1, 8 * params.batch_size)):
-            outputs = llm.generate([{"prompt_token_ids": ids} for _, ids in chunk], sampling, use_tqdm=False)
-            for (index, _), out in zip(chunk, outputs):
-                done = out.outputs[0]
-                tokens = [t for t in done.token_ids if t not in stops]
-                yield Result(index, tokens, "length" if done.finish_reason == "length" else "stop")
-
-    return tok, run
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-BACKENDS: dict[str, Callable[[str, str, str], tuple[Any, GenerateFn]]] = {"hf": open_hf, "vllm": open_vllm}
