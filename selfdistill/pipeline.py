@@ -24,8 +24,7 @@ from typing import Any
 from selfdistill.config import dump_yaml, from_dict, opt, to_dict
 from selfdistill.distill import DistillConfig, distill
 from selfdistill.errors import UserError
-from selfdistill.evaluate import EvalConfig, default_data_dir, evaluate
-from selfdistill.evaluate.drift import drift
+from selfdistill.evaluate import EvalConfig, default_data_dir, drift_many, evaluate
 from selfdistill.finetune import FinetuneConfig, finetune
 from selfdistill.merge import MergeConfig, merge
 from selfdistill.models import DEFAULT_MODEL
@@ -258,5 +257,4 @@ def _drift(spec: dict[str, Any]) -> dict[str, Any]:
     from selfdistill.data import load_examples
 
     prompts = load_examples(spec["prompts"], spec["recipe"], offset=spec["offset"], limit=spec["limit"])
-    return {label: drift(spec["parent"], path, prompts, max_new_tokens=spec["max_new_tokens"])
-            for label, path in spec["children"].items()}
+    return drift_many(spec["parent"], spec["children"], prompts, max_new_tokens=spec["max_new_tokens"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from selfdistill.cli import main
-from selfdistill.evaluate import EvalConfig, drift, evaluate
+from selfdistill.evaluate import EvalConfig, drift, drift_many, evaluate
 from selfdistill.evaluate.presets import PRESETS
 from selfdistill.evaluate.retention import chance_of, paired_bootstrap, retention, signal_tasks, task_score
 
@@ -117,6 +117,12 @@ def test_drift_is_zero_for_the_parent_itself_and_positive_for_a_child(tiny_model
     assert same["tokens"] > 0 and same["kl"] == pytest.approx(0, abs=1e-5) and same["agreement"] == 1.0
     other = drift(str(tiny_model_dir), str(tiny_child), prompts, max_new_tokens=6, batch_size=2)
     assert other["tokens"] == same["tokens"] and other["kl"] > 0.001 and 0 <= other["agreement"] <= 1
+    # several children at once (the parent answers once) give each child's own numbers
+    both = drift_many(str(tiny_model_dir), {"self": str(tiny_model_dir), "child": str(tiny_child)}, prompts,
+                      max_new_tokens=6, batch_size=2)
+    assert both["self"]["kl"] == pytest.approx(same["kl"], abs=1e-6)
+    assert both["child"]["kl"] == pytest.approx(other["kl"], rel=1e-5)
+    assert both["child"]["agreement"] == other["agreement"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

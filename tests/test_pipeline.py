@@ -115,7 +115,6 @@ def test_bad_config_is_rejected_before_any_stage(tmp_path, tiny_model_dir, data_
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     from selfdistill.config import load_config
-
     from selfdistill.pipeline import stage_config
 
     cfg = load_config(PipelineConfig, path)  # validates every stage section too

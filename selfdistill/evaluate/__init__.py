@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selfdistill.config import opt, to_dict
-from selfdistill.evaluate.drift import drift
+from selfdistill.evaluate.drift import drift, drift_many
 from selfdistill.evaluate.presets import PRESETS, TASKS_DIR, TaskSpec, check_data_dir, select_tasks
 from selfdistill.evaluate.retention import paired_bootstrap, per_doc, retention, signal_tasks, task_score
 
-__all__ = ["EvalConfig", "evaluate", "drift", "PRESETS"]
+__all__ = ["EvalConfig", "evaluate", "drift", "drift_many", "PRESETS"]
 log = logging.getLogger(__name__)
 
 

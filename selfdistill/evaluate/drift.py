@@ -8,7 +8,7 @@ meant to keep the child close to the parent, so a lower KL / higher agreement is
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -59,10 +59,18 @@ def drift(parent: Any, child: Any, prompts: Sequence[Any], *, max_new_tokens: in
 
     `parent`/`child`: a model name or path (loaded with `load_model`) or a `(model, tokenizer)` pair;
     the two must share a tokenizer. `prompts`: strings (user turns) or `data.Example`s."""
+    return drift_many(parent, {"child": child}, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      dtype=dtype)["child"]
+
+
+def drift_many(parent: Any, children: Mapping[str, Any], prompts: Sequence[Any], *, max_new_tokens: int = 128,
+               batch_size: int = 8, dtype: str = "float32") -> dict[str, dict[str, float]]:
+    """`drift` for several children at once: the parent answers and scores each prompt only once."""
     pm, tok = _load(parent, dtype)
-    cm, _ = _load(child, dtype)
+    models = {label: _load(spec, dtype)[0] for label, spec in children.items()}
     texts = [_prompt_text(p, tok) for p in prompts]
-    kl_sum, agree, tokens = 0.0, 0, 0
+    sums = {label: {"kl": 0.0, "agree": 0} for label in models}
+    tokens = 0
     for start in tqdm(range(0, len(texts), batch_size), desc="drift", unit="batch"):
         batch = texts[start:start + batch_size]
         for text, answer in zip(batch, _greedy(pm, tok, batch, max_new_tokens), strict=True):
@@ -70,11 +78,14 @@ def drift(parent: Any, child: Any, prompts: Sequence[Any], *, max_new_tokens: in
                 continue
             ids = tok(text, add_special_tokens=False)["input_ids"] + answer
             lp = _answer_logprobs(pm, ids, len(answer))
-            lq = _answer_logprobs(cm, ids, len(answer))
-            kl_sum += float((lp.exp() * (lp - lq)).sum())
-            agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            for label, cm in models.items():
+                lq = _answer_logprobs(cm, ids, len(answer))
+                sums[label]["kl"] += float((lp.exp() * (lp - lq)).sum())
+                sums[label]["agree"] += int((lp.argmax(-1) == lq.argmax(-1)).sum())
             tokens += len(answer)
-    if tokens == 0:
-        return {"kl": float("nan"), "agreement": float("nan"), "tokens": 0}
-    log.info("drift over %d answer tokens: KL %.4f, agreement %.4f", tokens, kl_sum / tokens, agree / tokens)
-    return {"kl": kl_sum / tokens, "agreement": agree / tokens, "tokens": tokens}
+    results = {}
+    for label, s in sums.items():
+        kl, agreement = (s["kl"] / tokens, s["agree"] / tokens) if tokens else (float("nan"), float("nan"))
+        log.info("drift of %s over %d answer tokens: KL %.4f, agreement %.4f", label, tokens, kl, agreement)
+        results[label] = {"kl": kl, "agreement": agreement, "tokens": tokens}
+    return results
