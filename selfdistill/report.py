@@ -133,12 +133,7 @@ def _plots(run: Path, out: Path, headers: list[str], rows: list[list[Any]], scor
     ax.set_xticklabels(names)
     ax.set_ylabel("% of parent")
     ax.legend(fontsize=8)
-    ax.set_title("Retention per arm")
-    fig.tight_layout()
-    with atomic_path(out / "retention.png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    blocks.append(("img", out / "retention.png", "retention per arm"))
+    blocks.append(_save_figure(fig, ax, "Retention per arm", out / "retention.png"))
     flops_col = headers.index("GFLOPs/token")
     points = [(float(r[flops_col]), float(r[headers.index("retention")]), r[0]) for r in rows
               if r[flops_col] != "–" and r[headers.index("retention")] != "–"]
@@ -149,13 +144,19 @@ def _plots(run: Path, out: Path, headers: list[str], rows: list[list[Any]], scor
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("GFLOPs per token (2 × parameters)")
         ax.set_ylabel("retention (% of parent)")
-        ax.set_title("Retention vs cost")
-        fig.tight_layout()
-        with atomic_path(out / "retention_vs_flops.png") as tmp:
-            fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        blocks.append(("img", out / "retention_vs_flops.png", "retention vs FLOPs"))
+        blocks.append(_save_figure(fig, ax, "Retention vs cost", out / "retention_vs_flops.png"))
     return blocks
+
+
+def _save_figure(fig: Any, ax: Any, title: str, path: Path) -> Block:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return ("img", path, title)
 
 
 def _comparison_blocks(scores: dict[str, Any]) -> list[Block]:
