@@ -76,7 +76,7 @@ def _distill_blocks(run: Path) -> list[Block]:
         reason_text = ", ".join(f"{k}: {v}" for k, v in reasons.items()) if isinstance(reasons, dict) else str(reasons)
         rows.append([folder.name.removeprefix("distill-"), total, kept,
                      _fmt(kept / total * 100 if kept is not None and total else None), reason_text or "–",
-                     stats.get("tokens_generated", "–"), _fmt(stats.get("tokens_per_s"))])
+                     stats.get("generated_tokens_total", "–"), _fmt(stats.get("tokens_per_s"))])
     if not rows:
         return []
     return [("h2", "Self-data distillation"),
@@ -269,7 +269,7 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
             "Scores in %; retention = child average / parent average × 100; chance-corrected = "
             "(child − chance)/(parent − chance); ⚠ marks tasks where the parent is within two standard errors of "
             f"chance (left out of 'retention (signal)'). Evaluation: preset {settings.get('preset', '?')}, "
-            f"harness {settings.get('lm_eval_version', settings.get('harness_version', '?'))}, "
+            f"harness {settings.get('harness', '?')}, "
             f"{settings.get('subset', '')}."))]
         blocks += _plots(run, out, headers, rows, scores) + _comparison_blocks(scores)
     blocks += _cost_blocks(run) + _speculate_blocks(run) + _stage_times(run)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers.trainer_callback import ProgressCallback
+
 from selfdistill.config import dump_yaml, to_dict
 from selfdistill.errors import UserError
 from selfdistill.finetune import FinetuneConfig, checkpoint_dir
@@ -139,7 +141,16 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         model=model, args=training_args(cfg, ckpt, device, dtype), train_dataset=dataset, processing_class=tok,
         callbacks=[JsonlLogger(ckpt / LOG_NAME)], teacher=teacher, kd_weight=cfg.kd_weight,
         kd_loss=cfg.kd_loss, kd_temperature=cfg.kd_temperature)
+    # The default progress bar also prints every log dict to stdout, which is the CLI's JSON channel;
+    # keep the bar, send the numbers to train_log.jsonl only.
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_QuietProgress)
     return Prepared(trainer, tok, data, dtype, resume_from)
+
+
+class _QuietProgress(ProgressCallback):
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        return None
 
 
 def train_and_save(cfg: FinetuneConfig) -> dict[str, Any]:
