@@ -99,7 +99,7 @@ def generic_recipe(fields: dict[str, str], kind: str = "general") -> Recipe:
     return Recipe(**{k: (v,) for k, v in fields.items()}, kind=kind)
 
 
-def _read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ("file:line", row) for JSONL / JSON / CSV / TSV / parquet files."""
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.bz2")):
@@ -217,7 +217,7 @@ def load_examples(source: str | Path, recipe: str | None = None, *, fields: dict
     if path.exists():
         if path.is_dir():
             raise UserError(f"{path} is a folder; give a data file (.jsonl, .json, .csv, .parquet)")
-        rows = _read_rows(path)
+        rows = read_rows(path)
     elif "/" in str(source) and not str(source).startswith((".", "/", "~")) and path.suffix == "":
         rows = _read_hub(str(source), split, subset)
     else:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfdistill.data import _read_rows, load_examples
+from selfdistill.data import load_examples, read_rows
 from selfdistill.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class TrainData:
 
 
 def _first_row(path: Path) -> dict[str, Any] | None:
-    for _, row in _read_rows(path):
+    for _, row in read_rows(path):
         if isinstance(row, UserError):
             raise row
         return row
@@ -61,7 +61,7 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
 def _distilled_rows(path: Path, responses: str, limit: int | None) -> TrainData:
     column = RESPONSE_COLUMNS[responses]
     rows, used = [], 0
-    for where, row in _read_rows(path):
+    for where, row in read_rows(path):
         if isinstance(row, UserError):
             raise row
         if column not in row:
