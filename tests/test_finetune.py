@@ -227,6 +227,8 @@ def test_resume_after_kill(tiny_model_dir, distilled, tmp_path):
     proc.wait()
     assert state.exists() and read_manifest(out) is None  # killed: nothing that looks complete
     ckpts = sorted(int(p.name.split("-")[1]) for p in checkpoint_dir(out).glob("checkpoint-*"))
+    # a kill during a save leaves a half-written newer checkpoint; make sure there is one to skip
+    (checkpoint_dir(out) / f"checkpoint-{ckpts[-1] + 2}").mkdir()
     result = finetune(cfg(tiny_model_dir, distilled, out, batch_size=2, max_steps=8, save_steps=2, resume=True))
     steps = [e["step"] for e in log_lines(out) if "loss" in e]
     assert result["steps"] == 8 and steps == list(range(1, 9)), steps  # no step trained twice
