@@ -49,8 +49,9 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         default = None if f.default is dataclasses.MISSING else f.default
         text = field_help(f) + (f" (default: {default})" if default not in (None, "", []) else "")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
-        if dataclasses.is_dataclass(tp):
-            continue  # nested sections are reached with dotted key=value overrides
+        item = (typing.get_args(tp) or (None,))[0]
+        if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict or dataclasses.is_dataclass(item):
+            continue  # sections and lists of records come from YAML or dotted key=value overrides
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is list:
@@ -100,7 +101,10 @@ def build_config(name: str, cls: type, positionals: list[str], flags: dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="selfdistill", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="selfdistill", description="Prune an LLM, then recover it on its parent's own verified rewrites.",
+        epilog="`selfdistill COMMAND --help` lists a command's options; any command also takes a YAML file and "
+               "dotted key=value overrides.")
     parser.add_argument("--version", action="version", version=f"selfdistill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (*_, summary) in COMMANDS.items():
