@@ -112,7 +112,7 @@ def _pick(logits: Any, params: GenParams, generator: Any) -> Any:
     import torch
 
     if params.temperature <= 0:
-        return logits.argmax(-1)
+        return logits.float().argmax(-1)  # same ids (exact upcast); torch's fp32 argmax is ~2x its bf16 one on CPU
     probs = torch.softmax(logits.float() / params.temperature, -1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
