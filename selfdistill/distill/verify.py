@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from selfdistill.data import Example
-from selfdistill.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +122,6 @@ def none(rewrite: str, example: Example, options: VerifyOptions) -> str | None:
 
 VERIFIERS: dict[str, Verifier] = {"blacklist": blacklist, "math": math, "similarity": similarity, "none": none}
 DEFAULT_VERIFIERS = {"math": ["blacklist", "math"], "general": ["blacklist"]}
-
-
-def check_names(names: list[str]) -> None:
-    for name in names:
-        if name not in VERIFIERS:
-            raise UserError(f"unknown verifier '{name}' (choose from {', '.join(VERIFIERS)})")
 
 
 def verify(rewrite: str, example: Example, names: list[str],
