@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--single-n", type=int, default=None, help="baseline on the first N prompts only (time)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--refill", type=int, default=0)
+    ap.add_argument("--prefill-tokens", type=int, default=GenParams.prefill_tokens, help="padded tokens per prefill chunk")
+    ap.add_argument("--no-ragged", action="store_true", help="one decode attention call over the shared window")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None, help="also write the result here")
@@ -56,7 +58,7 @@ def main() -> None:
     ids = [tok(render_rewrite(e, tok)[0], add_special_tokens=False)["input_ids"] for e in examples]
     stops = stop_token_ids(tok, model)
     params = GenParams(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_ids=stops,
-                       refill=args.refill)
+                       refill=args.refill, prefill_tokens=args.prefill_tokens, ragged=not args.no_ragged)
 
     t0 = time.perf_counter()
     got = {r.index: r.tokens for r in generate_hf(model, tok, length_sorted(list(enumerate(ids)), 8 * args.batch_size), params)}
@@ -72,6 +74,7 @@ def main() -> None:
     result = {
         "prompts": args.n, "mean_prompt_tokens": round(sum(map(len, ids)) / len(ids), 1),
         "dtype": args.dtype, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "prefill_tokens": args.prefill_tokens, "ragged": not args.no_ragged,
         "threads": torch.get_num_threads(),
         "engine": {"tokens": engine_tokens, "seconds": round(engine_s, 2), "tok_s": round(engine_tokens / engine_s, 1)},
         "one_at_a_time": {"prompts": single_n, "tokens": single_tokens, "seconds": round(single_s, 2),

@@ -46,17 +46,26 @@ def tiny_run(tiny_model_dir, gsm8k_train, tmp_path_factory) -> Path:
     return out
 
 
-def test_refill_engine_equals_one_at_a_time_generate():
+# one prompt per prefill chunk and one decode attention group per slot / all prompts in one chunk and group
+@pytest.mark.parametrize("prefill_tokens,group_cost", [(1, 0), (1024, 10**6)])
+def test_refill_engine_equals_one_at_a_time_generate(prefill_tokens, group_cost, monkeypatch):
     """Greedy ids of the refilling engine (3 slots, refills, left growth) == plain generate per prompt."""
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model, make_tokenizer
 
+    from selfdistill.distill import generate
+
+    plans = []
+    split = generate.split_slots
+    monkeypatch.setattr(generate, "split_slots", lambda *a, **k: plans.append(split(*a, **k)) or plans[-1])
+    monkeypatch.setattr(generate.RefillEngine, "GROUP_COST", group_cost)
     model, tok = make_model(layers=3, seed=3), make_tokenizer()
+    assert model.config._attn_implementation == "sdpa"
     g = torch.Generator().manual_seed(0)
     prompts = [(i, torch.randint(3, 260, (int(n),), generator=g).tolist())
                for i, n in enumerate(torch.randint(2, 30, (11,), generator=g))]
     stops = (17, 40, 99)
-    params = GenParams(max_new_tokens=9, batch_size=3, stop_ids=stops, refill=1)
+    params = GenParams(max_new_tokens=9, batch_size=3, stop_ids=stops, refill=1, prefill_tokens=prefill_tokens)
     got = {r.index: r for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
     assert sorted(got) == list(range(11))
     for i, ids in prompts:
@@ -65,6 +74,17 @@ def test_refill_engine_equals_one_at_a_time_generate():
         ref = ref[0, len(ids):].tolist()
         finish = "stop" if ref and ref[-1] in stops else "length"
         assert got[i].tokens == [t for t in ref if t not in stops] and got[i].finish == finish, i
+    assert max(map(len, plans)) == (3 if group_cost == 0 else 1)  # the ragged decode path ran as planned
+    assert model.config._attn_implementation == "sdpa"  # restored after each step
+
+
+def test_split_slots_groups_rows_by_their_first_column():
+    from selfdistill.distill.generate import split_slots
+
+    # Two long rows then two short ones: splitting saves 2 x 90 columns, worth one extra call of cost 50.
+    assert split_slots([0, 5, 90, 95], end=100, group_cost=50) == [(0, 2, 0), (2, 4, 90)]
+    assert split_slots([0, 5, 90, 95], end=100, group_cost=1000) == [(0, 4, 0)]
+    assert split_slots([3], end=10, group_cost=0) == [(0, 1, 3)]
 
 
 def test_rows_in_input_order_with_contract_fields(tiny_run, gsm8k_train):
