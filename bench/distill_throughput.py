@@ -4,7 +4,7 @@ Same GSM8K rewrite prompts, same greedy settings, on the built-in SmolLM2-135M p
 of both, the ratio, the share of the CPU roofline (2 x 135 M FLOP per token at ~425 GFLOP/s bf16 on
 the project's 2 cores = ~1,570 tokens/s) and whether the greedy outputs are identical.
 
-    .venv/bin/python bench/distill_throughput.py --n 64 --batch-size 64 --max-new-tokens 256
+    .venv/bin/python bench/distill_throughput.py --n 64 --batch-size 64 --max-new-tokens 256 --ablate
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--no-ragged", action="store_true", help="one decode attention call over the shared window")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time the engine without chunked prefill and ragged decode (its earlier form)")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
 
@@ -60,11 +63,22 @@ def main() -> None:
     params = GenParams(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_ids=stops,
                        refill=args.refill, prefill_tokens=args.prefill_tokens, ragged=not args.no_ragged)
 
-    t0 = time.perf_counter()
-    got = {r.index: r.tokens for r in generate_hf(model, tok, length_sorted(list(enumerate(ids)), 8 * args.batch_size), params)}
-    engine_s = time.perf_counter() - t0
+    def engine(p: GenParams) -> tuple[dict[int, list[int]], float]:
+        t0 = time.perf_counter()
+        out = {r.index: r.tokens for r in generate_hf(model, tok, length_sorted(list(enumerate(ids)), 8 * args.batch_size), p)}
+        return out, time.perf_counter() - t0
+
+    got, engine_s = engine(params)
     engine_tokens = sum(len(v) for v in got.values())
     print(f"engine: {engine_tokens} tokens in {engine_s:.1f} s", file=sys.stderr, flush=True)
+    ablation = None
+    if args.ablate:  # one prefill forward for the whole fill, one attention call over the shared window
+        plain, plain_s = engine(replace(params, prefill_tokens=10**9, ragged=False))
+        plain_tokens = sum(len(v) for v in plain.values())
+        ablation = {"tokens": plain_tokens, "seconds": round(plain_s, 2), "tok_s": round(plain_tokens / plain_s, 1),
+                    "engine_speedup_over_it": round((engine_tokens / engine_s) / (plain_tokens / plain_s), 2)}
+        print(f"engine without chunked prefill / ragged decode: {plain_tokens} tokens in {plain_s:.1f} s",
+              file=sys.stderr, flush=True)
 
     single_n = args.single_n or args.n
     single, single_s = one_at_a_time(model, ids[:single_n], args.max_new_tokens, stops)
@@ -77,6 +91,7 @@ def main() -> None:
         "prefill_tokens": args.prefill_tokens, "ragged": not args.no_ragged,
         "threads": torch.get_num_threads(),
         "engine": {"tokens": engine_tokens, "seconds": round(engine_s, 2), "tok_s": round(engine_tokens / engine_s, 1)},
+        "engine_without_chunking_and_ragged": ablation,
         "one_at_a_time": {"prompts": single_n, "tokens": single_tokens, "seconds": round(single_s, 2),
                           "tok_s": round(single_tokens / single_s, 1)},
         "speedup": round((engine_tokens / engine_s) / (single_tokens / single_s), 2),
