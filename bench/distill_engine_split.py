@@ -1,0 +1,99 @@
+"""Where the refilling engine's time goes: prefill forwards vs decode steps, on the built-in parent.
+
+Times every prefill chunk and every decode step of one engine run (the same 64 GSM8K rewrite prompts as
+bench/distill_throughput.py) and prints both totals, the mean step time and rows per step; with --profile
+it also prints torch.profiler's top operators over 10 decode steps at full batch.
+
+    .venv/bin/python bench/distill_engine_split.py --n 64 --batch-size 64 --max-new-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from selfdistill.data import load_examples  # noqa: E402
+from selfdistill.distill import generate as engine_module  # noqa: E402
+from selfdistill.distill.prompts import render_rewrite  # noqa: E402
+from selfdistill.models import DEFAULT_MODEL, load_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/gsm8k/train.jsonl"))
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--prefill-tokens", type=int, default=engine_module.GenParams.prefill_tokens)
+    ap.add_argument("--no-ragged", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over 10 full-batch decode steps")
+    args = ap.parse_args()
+
+    model, tok = load_model(DEFAULT_MODEL, dtype="bfloat16")
+    examples = load_examples(args.data, "gsm8k", limit=args.n)
+    ids = [tok(render_rewrite(e, tok)[0], add_special_tokens=False)["input_ids"] for e in examples]
+    params = engine_module.GenParams(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                     stop_ids=engine_module.stop_token_ids(tok, model),
+                                     prefill_tokens=args.prefill_tokens, ragged=not args.no_ragged)
+    seconds, calls, rows = Counter(), Counter(), 0
+    cls = engine_module.RefillEngine
+    prefill, step = cls._prefill, cls._step
+
+    def timed_prefill(self, chunk):
+        t0 = time.perf_counter()
+        out = prefill(self, chunk)
+        seconds["prefill"] += time.perf_counter() - t0
+        calls["prefill"] += 1
+        return out
+
+    def timed_step(self):
+        nonlocal rows
+        rows += sum(o is not None for o in self.owner)
+        t0 = time.perf_counter()
+        done = list(step(self))
+        seconds["decode"] += time.perf_counter() - t0
+        calls["decode"] += 1
+        return iter(done)
+
+    cls._prefill, cls._step = timed_prefill, timed_step
+    t0 = time.perf_counter()
+    prompts = engine_module.length_sorted(list(enumerate(ids)), 8 * args.batch_size)
+    results = list(engine_module.generate_hf(model, tok, prompts, params))
+    wall = time.perf_counter() - t0
+    cls._prefill, cls._step = prefill, step
+    tokens = sum(len(r.tokens) for r in results)
+    print(json.dumps({
+        "prompts": args.n, "prompt_tokens": sum(map(len, ids)), "generated_tokens": tokens, "wall_s": round(wall, 2),
+        "tok_s": round(tokens / wall, 1), "prefill_s": round(seconds["prefill"], 2), "prefill_forwards": calls["prefill"],
+        "decode_s": round(seconds["decode"], 2), "decode_steps": calls["decode"],
+        "ms_per_step": round(1000 * seconds["decode"] / max(1, calls["decode"]), 1),
+        "rows_per_step": round(rows / max(1, calls["decode"]), 1),
+        "prefill_ms_per_generated_token": round(1000 * seconds["prefill"] / tokens, 2),
+        "decode_ms_per_generated_token": round(1000 * seconds["decode"] / tokens, 2),
+        "prefill_tokens": args.prefill_tokens, "ragged": not args.no_ragged, "threads": torch.get_num_threads(),
+    }, indent=2))
+    if args.profile:
+        eng = cls(model, engine_module.GenParams(max_new_tokens=10**6, batch_size=args.batch_size, stop_ids=(),
+                                                 prefill_tokens=args.prefill_tokens, ragged=not args.no_ragged), 0)
+        prompts = list(engine_module.length_sorted(list(enumerate(ids[:args.batch_size])), 8 * args.batch_size))
+        with torch.inference_mode():
+            list(eng._fill(prompts, list(range(len(prompts)))))
+            for _ in range(3):
+                list(eng._step())
+            with torch.profiler.profile() as prof:
+                for _ in range(10):
+                    list(eng._step())
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
