@@ -17,6 +17,7 @@ from typing import Any
 
 from selfdistill.config import opt
 from selfdistill.errors import UserError
+from selfdistill.evaluate.outputs import distinct_pairs
 from selfdistill.rundir import atomic_path, atomic_write_text, read_manifest
 
 Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", path, alt)
@@ -160,7 +161,7 @@ def _save_figure(fig: Any, ax: Any, title: str, path: Path) -> Block:
 
 
 def _comparison_blocks(scores: dict[str, Any]) -> list[Block]:
-    pairs = scores.get("pairwise", [])
+    pairs = distinct_pairs(scores)
     if not pairs:
         return []
     rows = [[_label(p["a"]), _label(p["b"]), p["over"], _fmt(p.get("retention_diff"), 2),

@@ -166,3 +166,18 @@ def test_real_model_arc_easy_is_well_above_chance(tmp_path, real_model_dir, data
                                  data_dir=str(data_dir), out=str(tmp_path / "ev")))
     scores = json.loads((tmp_path / "ev" / "scores.json").read_text())["models"]["smollm2-135m-instruct"]
     assert result["average"]["smollm2-135m-instruct"] >= 0.4 and scores["tasks"]["arc_easy"]["chance"] < 0.27
+
+
+@pytest.mark.parametrize("chance_tasks,lines", [([], 1), (["b"], 2)])
+def test_markdown_prints_each_pair_once_unless_the_signal_tasks_differ(chance_tasks, lines):
+    from selfdistill.evaluate.outputs import markdown
+
+    task = {"value": 0.5, "stderr": 0.01}
+    scores = {"models": {m: {"tasks": {"a": task, "b": task}, "average": 0.5} for m in ("p", "x", "y")},
+              "tasks": ["a", "b"], "chance_tasks": chance_tasks,
+              "settings": {"subset": "all items", "tasks": {t: {"metric": "acc", "shots": 0} for t in "ab"}},
+              "pairwise": [{"a": "x", "b": "y", "over": over, "retention_diff": 1.0, "ci95": [-1.0, 3.0], "iters": 10}
+                           for over in ("all", "signal")]}
+    text = markdown(scores)
+    assert text.count("Retention `x` − `y`") == lines
+    assert ("over the tasks with signal" in text) == bool(chance_tasks)

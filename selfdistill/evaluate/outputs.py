@@ -17,6 +17,12 @@ def _num(x: float | None) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.1f}"
 
 
+def distinct_pairs(scores: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paired comparisons, without the 'signal' copy of each when every task has signal (same numbers)."""
+    same = not scores.get("chance_tasks")
+    return [p for p in scores.get("pairwise", []) if not (same and p.get("over") == "signal")]
+
+
 def markdown(scores: dict[str, Any]) -> str:
     models, tasks = scores["models"], scores["tasks"]
     flagged = set(scores.get("chance_tasks", []))
@@ -35,9 +41,10 @@ def markdown(scores: dict[str, Any]) -> str:
     if flagged:
         notes.append(f"⚠ parent within two standard errors of chance: {', '.join(sorted(flagged))}; "
                      "'retention (signal)' leaves these out.")
-    for pair in scores.get("pairwise", []):
+    for pair in distinct_pairs(scores):
         lo, hi = pair["ci95"]
-        notes.append(f"Retention `{pair['a']}` − `{pair['b']}`: {_num(pair['retention_diff'])} points "
+        where = " over the tasks with signal" if pair.get("over") == "signal" else ""
+        notes.append(f"Retention `{pair['a']}` − `{pair['b']}`{where}: {_num(pair['retention_diff'])} points "
                      f"(paired bootstrap 95 % CI {_num(lo)} … {_num(hi)}, {pair['iters']} draws).")
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
