@@ -216,7 +216,7 @@ class RefillEngine:
         self.ragged = params.ragged and self.text_config._attn_implementation == "sdpa"
         if self.ragged:
             _register_slot_attention()
-        self.plan: list[tuple[int, int, int]] | None = None  # slot groups; None = recompute (rows changed)
+        self.plan: list[tuple[int, int, int, bool]] | None = None  # (lo, hi, col, needs a mask); None = recompute
 
     def run(self, prompts: Iterable[tuple[int, list[int]]]) -> Iterator[Result]:
         import torch
@@ -348,16 +348,12 @@ class RefillEngine:
         """
         c = self.cache
         live = c.mask[:, c.start:c.end + 1]
-        first = live.argmax(1)  # first 1 per row (each row's run is contiguous)
-        if self.plan is None:
-            self.plan = split_slots(first.tolist(), c.width + 1, self.GROUP_COST)
-        groups = []
-        for lo, hi, col in self.plan:
-            mask = None
-            if bool((first[lo:hi] > col).any()):
-                mask = live[lo:hi, None, None, col:].bool().to(self.model.device)
-            groups.append((lo, hi, col, mask))
-        return groups
+        if self.plan is None:  # window-relative first columns stay fixed until the plan is invalidated
+            first = live.argmax(1).tolist()  # first 1 per row (each row's run is contiguous)
+            self.plan = [(lo, hi, col, any(f > col for f in first[lo:hi]))
+                         for lo, hi, col in split_slots(first, c.width + 1, self.GROUP_COST)]
+        return [(lo, hi, col, live[lo:hi, None, None, col:].bool().to(self.model.device) if ragged_rows else None)
+                for lo, hi, col, ragged_rows in self.plan]
 
     def _collect(self, slot_tokens: list[tuple[int, int]]) -> Iterator[Result]:
         """Append each slot's new token; emit and free the slots that stopped or hit the limit."""
