@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--prefill-tokens", type=int, default=engine_module.GenParams.prefill_tokens)
     ap.add_argument("--no-ragged", action="store_true")
+    ap.add_argument("--draft-tokens", type=int, default=engine_module.GenParams.draft_tokens, help="0 = no drafts")
+    ap.add_argument("--draft-budget", type=int, default=engine_module.GenParams.draft_budget)
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 10 full-batch decode steps")
     args = ap.parse_args()
 
@@ -43,8 +45,9 @@ def main() -> None:
     ids = [tok(render_rewrite(e, tok)[0], add_special_tokens=False)["input_ids"] for e in examples]
     params = engine_module.GenParams(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                      stop_ids=engine_module.stop_token_ids(tok, model),
-                                     prefill_tokens=args.prefill_tokens, ragged=not args.no_ragged)
-    seconds, calls, rows = Counter(), Counter(), 0
+                                     prefill_tokens=args.prefill_tokens, ragged=not args.no_ragged,
+                                     draft_tokens=args.draft_tokens, draft_budget=args.draft_budget)
+    seconds, calls, rows, slots = Counter(), Counter(), 0, 0
     cls = engine_module.RefillEngine
     prefill, step = cls._prefill, cls._step
 
@@ -56,8 +59,9 @@ def main() -> None:
         return out
 
     def timed_step(self):
-        nonlocal rows
+        nonlocal rows, slots
         rows += sum(o is not None for o in self.owner)
+        slots += self.cache.k[0].shape[0] if self.cache.k else 0
         t0 = time.perf_counter()
         done = list(step(self))
         seconds["decode"] += time.perf_counter() - t0
@@ -77,9 +81,12 @@ def main() -> None:
         "decode_s": round(seconds["decode"], 2), "decode_steps": calls["decode"],
         "ms_per_step": round(1000 * seconds["decode"] / max(1, calls["decode"]), 1),
         "rows_per_step": round(rows / max(1, calls["decode"]), 1),
+        "slots_per_step": round(slots / max(1, calls["decode"]), 1),
         "prefill_ms_per_generated_token": round(1000 * seconds["prefill"] / tokens, 2),
         "decode_ms_per_generated_token": round(1000 * seconds["decode"] / tokens, 2),
-        "prefill_tokens": args.prefill_tokens, "ragged": not args.no_ragged, "threads": torch.get_num_threads(),
+        "tokens_per_row_step": round(tokens / max(1, rows), 2),
+        "prefill_tokens": args.prefill_tokens, "ragged": not args.no_ragged, "draft_tokens": args.draft_tokens,
+        "draft_budget": args.draft_budget, "threads": torch.get_num_threads(),
     }, indent=2))
     if args.profile:
         eng = cls(model, engine_module.GenParams(max_new_tokens=10**6, batch_size=args.batch_size, stop_ids=(),
@@ -92,7 +99,7 @@ def main() -> None:
             with torch.profiler.profile() as prof:
                 for _ in range(10):
                     list(eng._step())
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,83 @@ def test_refill_engine_equals_one_at_a_time_generate(prefill_tokens, group_cost,
     assert model.config._attn_implementation == "sdpa"  # restored after each step
 
 
+def _random_prompts(n: int, seed: int = 0) -> list[tuple[int, list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(i, torch.randint(3, 260, (int(k),), generator=g).tolist())
+            for i, k in enumerate(torch.randint(2, 30, (n,), generator=g))]
+
+
+@pytest.mark.parametrize("draft_budget", [128, 6])  # every row drafts / only some steps have room to
+def test_drafted_decoding_equals_plain_greedy(draft_budget, monkeypatch):
+    """Prompt-lookup drafts are verified against the argmax: same ids as `generate`, in fewer steps."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import make_model, make_tokenizer
+
+    from selfdistill.distill import generate
+
+    steps, accepted = [], []
+    packed = generate.RefillEngine._packed_step
+
+    def counting(self):
+        before = sum(map(len, self.out))
+        steps.append(1)
+        yield from packed(self)
+        accepted.append(sum(map(len, self.out)) - before)
+    monkeypatch.setattr(generate.RefillEngine, "_packed_step", counting)
+    model, tok = make_model(layers=3, seed=3), make_tokenizer()
+    prompts, stops = _random_prompts(11), (17, 40, 99)
+    params = GenParams(max_new_tokens=40, batch_size=3, stop_ids=stops, refill=1, draft_tokens=4,
+                       draft_budget=draft_budget)
+    got = {r.index: r.tokens for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
+    for i, ids in prompts:
+        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=40, do_sample=False, eos_token_id=list(stops), pad_token_id=2)
+        assert got[i] == [t for t in ref[0, len(ids):].tolist() if t not in stops], i
+    assert max(accepted) > 3  # some step emitted more tokens than there were rows: drafts were kept
+    assert len(steps) < 0.8 * sum(map(len, got.values())) / 3
+
+
+def test_sampling_is_seeded_and_never_drafts():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import make_model, make_tokenizer
+
+    from selfdistill.distill.generate import RefillEngine
+
+    model, tok = make_model(layers=2, seed=1), make_tokenizer()
+    params = GenParams(max_new_tokens=12, batch_size=4, stop_ids=(17,), temperature=0.9, top_p=0.9, seed=5)
+    assert not RefillEngine(model, params, 2).drafting
+    runs = [{r.index: r.tokens for r in generate_hf(model, tok, _random_prompts(6, seed=2), params)} for _ in range(2)]
+    assert runs[0] == runs[1] and sorted(runs[0]) == list(range(6))
+    assert all(len(t) <= 12 and 17 not in t for t in runs[0].values())
+
+
+def test_ngram_drafter_proposes_the_latest_continuation_of_the_longest_match():
+    from selfdistill.distill.generate import NgramDrafter
+
+    assert NgramDrafter([5, 6, 7, 1, 2, 5, 6], max_n=3).draft(3) == [7, 1, 2]
+    assert NgramDrafter([5, 6, 7, 1, 5, 6, 8, 2, 5, 6], max_n=3).draft(2) == [8, 2]  # the latest "5 6"
+    d = NgramDrafter([1, 2, 3, 9, 9, 2, 3, 4, 4, 1, 2, 3], max_n=3)
+    assert d.draft(2) == [9, 9]  # the 3-gram 1 2 3 beats the later 2-gram 2 3 (-> 4 4)
+    d.extend([7])
+    assert d.draft(2) == []  # 7 never occurred before
+    d.extend([1, 2])
+    assert d.draft(4) == [3, 7, 1, 2]  # now "7 1 2" is new, "1 2" latest continues with 3 7 ...
+    assert NgramDrafter([4], max_n=3).draft(2) == []
+
+
+def test_greedy_ids_match_fp32_argmax_with_ties_and_negatives():
+    from selfdistill.distill.generate import greedy_ids
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = (torch.randn(7, 300, generator=g) * 5).to(dtype)
+        x[1] = -x[1].abs() - 1  # all negative
+        x[2, 10] = x[2, 200] = x[2].max()  # a tie: first index wins
+        x[3] = 0.0
+        assert torch.equal(greedy_ids(x), x.float().argmax(-1)), dtype
+    assert greedy_ids(torch.tensor([[0.5, 2.0, 2.0]])).tolist() == [1]
+
+
 def test_split_slots_groups_rows_by_their_first_column():
     from selfdistill.distill.generate import split_slots
 
@@ -85,6 +162,8 @@ def test_split_slots_groups_rows_by_their_first_column():
     assert split_slots([0, 5, 90, 95], end=100, group_cost=50) == [(0, 2, 0), (2, 4, 90)]
     assert split_slots([0, 5, 90, 95], end=100, group_cost=1000) == [(0, 4, 0)]
     assert split_slots([3], end=10, group_cost=0) == [(0, 1, 3)]
+    # Rows also end apart once drafts are accepted: a row far behind is cheaper in a group of its own.
+    assert split_slots([0, 0, 0], end=[100, 100, 10], group_cost=50) == [(0, 2, 0), (2, 3, 0)]
 
 
 def test_rows_in_input_order_with_contract_fields(tiny_run, gsm8k_train):
