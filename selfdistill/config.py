@@ -20,12 +20,17 @@ from selfdistill.errors import UserError
 T = TypeVar("T")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a help text (shown by `--help`); list/dict defaults are copied per instance."""
+def opt(default: Any = dataclasses.MISSING, help: str = "", keyed_when_changed: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with a help text (shown by `--help`); list/dict defaults are copied per instance.
+
+    `keyed_when_changed`: the field enters a stage key (`key_dict`) only when set away from its default. For
+    settings added after runs exist: at the default, those runs keep their keys and are not redone.
+    """
+    meta = {"help": help, "keyed_when_changed": keyed_when_changed}
     if isinstance(default, (list, dict)):
         value = default.copy()
-        return dataclasses.field(default_factory=lambda: value.copy(), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: value.copy(), metadata=meta, **kwargs)
+    return dataclasses.field(default=default, metadata=meta, **kwargs)
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -125,6 +130,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return plain(dataclasses.asdict(cfg))
+
+
+def key_dict(cfg: Any) -> dict[str, Any]:
+    """`to_dict`, less the `keyed_when_changed` fields still at their defaults (nested configs too)."""
+    out = to_dict(cfg)
+
+    def prune(obj: Any, plain: dict[str, Any]) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                prune(value, plain[f.name])
+            elif f.metadata.get("keyed_when_changed") and f.default is not dataclasses.MISSING \
+                    and value == f.default:
+                del plain[f.name]
+
+    prune(cfg, out)
+    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfdistill.config import dump_yaml, from_dict, opt, to_dict
+from selfdistill.config import dump_yaml, from_dict, key_dict, opt, to_dict
 from selfdistill.distill import DistillConfig, distill
 from selfdistill.errors import UserError
 from selfdistill.evaluate import EvalConfig, default_data_dir, drift_many, evaluate
@@ -135,7 +135,7 @@ class Stages:
     def run(self, name: str, kind: str, config: Any, fn: Callable[[Any], Any], after: tuple[str, ...] = (),
             external: dict[str, str] = {}) -> Any:
         folder = self.root / name
-        payload = {"config": to_dict(config) if hasattr(config, "__dataclass_fields__") else config,
+        payload = {"config": key_dict(config) if hasattr(config, "__dataclass_fields__") else config,
                    "after": [self.keys[a] for a in after], "external": {k: hash_path(v) for k, v in external.items()}}
         key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.keys[name] = key

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from selfdistill.config import apply_overrides, from_dict, load_config, opt, to_dict
+from selfdistill.config import apply_overrides, from_dict, key_dict, load_config, opt, to_dict
 from selfdistill.errors import UserError
 
 
@@ -71,3 +71,21 @@ def test_invalid_yaml_names_the_file_and_line(tmp_path):
 def test_override_needs_key_value():
     with pytest.raises(UserError, match="key=value"):
         apply_overrides({}, ["justakey"])
+
+
+@dataclass(frozen=True)
+class Later:
+    rank: int = opt(8, "a setting runs were keyed on")
+    speed: int = opt(4, "added later; the default keeps earlier keys", keyed_when_changed=True)
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    inner: Later = opt(Later(), "a section")
+
+
+def test_key_dict_leaves_out_later_settings_at_their_default():
+    assert key_dict(Later()) == {"rank": 8} and to_dict(Later()) == {"rank": 8, "speed": 4}
+    assert key_dict(Later(speed=0)) == {"rank": 8, "speed": 0}  # changed: it is part of the key
+    assert key_dict(Wrapper()) == {"inner": {"rank": 8}}
+    assert key_dict(Wrapper(Later(rank=2, speed=1))) == {"inner": {"rank": 2, "speed": 1}}

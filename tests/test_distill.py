@@ -185,7 +185,8 @@ def test_rows_in_input_order_with_contract_fields(tiny_run, gsm8k_train):
 
 def test_keep_rewrite_when_verifiers_pass(tiny_model_dir, gsm8k_train, tmp_path):
     out = tmp_path / "d.jsonl"
-    stats = distill(_cfg(tiny_model_dir, gsm8k_train, out, limit=2, verifiers=["none"], keep_truncated=True))
+    stats = distill(_cfg(tiny_model_dir, gsm8k_train, out, limit=2, verifiers=["none"], keep_truncated=True,
+                         draft_tokens=0))  # the engine without drafts
     rows = _lines(out)
     assert stats["rewrites_kept"] == 2 and all(r["used"] == "rewrite" and r["response"] == r["rewrite"] for r in rows)
 
@@ -212,6 +213,7 @@ def test_bad_inputs_leave_partial_output_intact(tiny_run, tiny_model_dir, gsm8k_
         (dict(recipe="poetry"), "unknown recipe 'poetry'"),
         (dict(offset=3), "does not match input row"),
         (dict(rewrite_template="{instruction} only"), "must contain {reference}"),
+        (dict(draft_tokens=-1), "draft_tokens must be >= 0"),
     ]
     for overrides, message in cases:
         with pytest.raises(UserError, match=message):

@@ -50,6 +50,8 @@ class DistillConfig:
     temperature: float = opt(0.0, "0 = greedy; SDFT sampled with 0.95")
     top_p: float = opt(1.0, "nucleus sampling mass (SDFT: 0.7)")
     refill: int = opt(0, "hf: refill when this many slots are free (0 = batch_size/8)")
+    draft_tokens: int = opt(GenParams.draft_tokens, "hf, greedy: prompt-lookup draft tokens per row and step, "
+                            "kept only where the argmax agrees (0 = off)", keyed_when_changed=True)
     verifiers: list[str] = opt([], "chain of blacklist, math, similarity, none (default: per recipe)")
     similarity_floor: float = opt(0.0, "ROUGE-L F1 floor for the similarity verifier")
     keep_truncated: bool = opt(False, "keep rewrites that hit max_new_tokens")
@@ -63,6 +65,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be at least 1")
+        if self.draft_tokens < 0:
+            raise ValueError("draft_tokens must be >= 0 (0 = no drafts)")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.backend not in BACKENDS:
@@ -176,7 +180,7 @@ def _run(cfg: DistillConfig, examples: list[Example], todo: list[int], prompt: R
     rendered = {i: render_rewrite(examples[i], tok, prompt) for i in todo}
     ids = {i: tok(text, add_special_tokens=False)["input_ids"] for i, (text, _) in rendered.items()}
     params = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                       seed=cfg.seed, batch_size=cfg.batch_size, refill=cfg.refill)
+                       seed=cfg.seed, batch_size=cfg.batch_size, refill=cfg.refill, draft_tokens=cfg.draft_tokens)
     options = VerifyOptions(similarity_floor=cfg.similarity_floor)
     pending: dict[int, dict[str, Any]] = {}
     pos, generated, t0 = 0, 0, time.time()
