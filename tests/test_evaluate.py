@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from selfdistill.evaluate.retention import chance_of, paired_bootstrap, retentio
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import save_tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -181,3 +185,25 @@ def test_markdown_prints_each_pair_once_unless_the_signal_tasks_differ(chance_ta
     text = markdown(scores)
     assert text.count("Retention `x` − `y`") == lines
     assert ("over the tasks with signal" in text) == bool(chance_tasks)
+
+
+def test_two_processes_shard_the_requests_and_match_one_process(tmp_path, tiny_model_dir, data_dir):
+    """torchrun on CPU: both ranks evaluate their shard (gloo) and rank 0 writes what one process writes."""
+    args = ["evaluate", "--model", str(tiny_model_dir), "--tasks", "arc_easy", "--limit", "6", "--preset", "cpu",
+            "--data-dir", str(data_dir), "--batch-size", "8", "--dtype", "float32"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29541", "-m", "selfdistill", *args,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                         env={**env, "SELFDISTILL_CACHE": str(tmp_path / "cache2")})  # no result from a cache
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "selfdistill", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**env, "SELFDISTILL_CACHE": str(tmp_path / "cache1")})
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def samples(run: str) -> list:
+        result = json.loads(next((tmp_path / run / "results").glob("*.json")).read_text())
+        return [(s["doc_id"], s["resps"]) for s in result["samples"]["sd_arc_easy"]]
+    assert len(samples("two")) == 6 and samples("two") == samples("one")

@@ -41,7 +41,13 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
     from lm_eval.models.huggingface import HFLM
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Data parallel under `accelerate launch`: HFLM must load the model itself to shard the requests.
+        # Data parallel under `accelerate launch`/torchrun: HFLM must load the model itself to shard the requests.
+        import torch
+
+        if not torch.cuda.is_available():
+            # Without this, accelerate on CPU sees one process per rank (each rank would evaluate everything)
+            # and transformers' loader then probes CUDA and crashes; with it, ranks shard over gloo.
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
         return HFLM(pretrained=path, dtype=dtype, batch_size=batch_size, max_length=max_length)
     from selfdistill.models import load_model
 
