@@ -65,8 +65,8 @@ class SlotCache:
     """Per-layer KV buffers [slots, heads, capacity, dim]; the live window is columns [start, end).
 
     Row r's tokens are the columns marked in `mask[r]`, all before `ends[r]`, where its next token is
-    written. Rows advance together (ends == end) until drafted tokens are accepted; then each row has
-    its own end and `end` is the largest.
+    written. A batch step advances every slot by one (ends == end); a packed step advances each live row
+    by the tokens it kept and leaves free slots where they are, so rows end apart and `end` is the largest.
     """
 
     def __init__(self) -> None:
