@@ -2,7 +2,7 @@
 
 Times every prefill chunk and every decode step of one engine run (the same 64 GSM8K rewrite prompts as
 bench/distill_throughput.py) and prints both totals, the mean step time and rows per step; with --profile
-it also prints torch.profiler's top operators over 10 decode steps at full batch.
+it also prints torch.profiler's top operators over 10 decode steps with `--profile-rows` rows live.
 
     .venv/bin/python bench/distill_engine_split.py --n 64 --batch-size 64 --max-new-tokens 256
 """
@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,7 +38,8 @@ def main() -> None:
     ap.add_argument("--no-ragged", action="store_true")
     ap.add_argument("--draft-tokens", type=int, default=engine_module.GenParams.draft_tokens, help="0 = no drafts")
     ap.add_argument("--draft-budget", type=int, default=engine_module.GenParams.draft_budget)
-    ap.add_argument("--profile", action="store_true", help="torch.profiler over 10 full-batch decode steps")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over 10 decode steps")
+    ap.add_argument("--profile-rows", type=int, default=None, help="rows live while profiling (default: batch size)")
     args = ap.parse_args()
 
     model, tok = load_model(DEFAULT_MODEL, dtype="bfloat16")
@@ -89,12 +91,12 @@ def main() -> None:
         "draft_budget": args.draft_budget, "threads": torch.get_num_threads(),
     }, indent=2))
     if args.profile:
-        eng = cls(model, engine_module.GenParams(max_new_tokens=10**6, batch_size=args.batch_size, stop_ids=(),
-                                                 prefill_tokens=args.prefill_tokens, ragged=not args.no_ragged), 0)
-        prompts = list(engine_module.length_sorted(list(enumerate(ids[:args.batch_size])), 8 * args.batch_size))
+        live = args.profile_rows or args.batch_size  # drafts get budget // live - 1 tokens per row
+        eng = cls(model, replace(params, max_new_tokens=10**6, batch_size=live, stop_ids=()), 0)
+        prompts = list(engine_module.length_sorted(list(enumerate(ids[:live])), 8 * live))
         with torch.inference_mode():
             list(eng._fill(prompts, list(range(len(prompts)))))
-            for _ in range(3):
+            for _ in range(20):  # past the first steps, into drafting
                 list(eng._step())
             with torch.profiler.profile() as prof:
                 for _ in range(10):

@@ -46,6 +46,19 @@ def tiny_run(tiny_model_dir, gsm8k_train, tmp_path_factory) -> Path:
     return out
 
 
+def _random_prompts(n: int, seed: int = 0) -> list[tuple[int, list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(i, torch.randint(3, 260, (int(k),), generator=g).tolist())
+            for i, k in enumerate(torch.randint(2, 30, (n,), generator=g))]
+
+
+def _generate_one(model, ids: list[int], max_new: int, stops: tuple[int, ...]) -> list[int]:
+    """Plain greedy `generate` for one prompt: the reference the engine must match (stop token included)."""
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=max_new, do_sample=False, eos_token_id=list(stops), pad_token_id=2)
+    return out[0, len(ids):].tolist()
+
+
 # one prompt per prefill chunk and one decode attention group per slot / all prompts in one chunk and group
 @pytest.mark.parametrize("prefill_tokens,group_cost", [(1, 0), (1024, 10**6)])
 def test_refill_engine_equals_one_at_a_time_generate(prefill_tokens, group_cost, monkeypatch):
@@ -61,27 +74,16 @@ def test_refill_engine_equals_one_at_a_time_generate(prefill_tokens, group_cost,
     monkeypatch.setattr(generate.RefillEngine, "GROUP_COST", group_cost)
     model, tok = make_model(layers=3, seed=3), make_tokenizer()
     assert model.config._attn_implementation == "sdpa"
-    g = torch.Generator().manual_seed(0)
-    prompts = [(i, torch.randint(3, 260, (int(n),), generator=g).tolist())
-               for i, n in enumerate(torch.randint(2, 30, (11,), generator=g))]
-    stops = (17, 40, 99)
+    prompts, stops = _random_prompts(11), (17, 40, 99)
     params = GenParams(max_new_tokens=9, batch_size=3, stop_ids=stops, refill=1, prefill_tokens=prefill_tokens)
     got = {r.index: r for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
     assert sorted(got) == list(range(11))
     for i, ids in prompts:
-        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=9, do_sample=False, eos_token_id=list(stops), pad_token_id=2)
-        ref = ref[0, len(ids):].tolist()
+        ref = _generate_one(model, ids, 9, stops)
         finish = "stop" if ref and ref[-1] in stops else "length"
         assert got[i].tokens == [t for t in ref if t not in stops] and got[i].finish == finish, i
     assert max(map(len, plans)) == (3 if group_cost == 0 else 1)  # the ragged decode path ran as planned
     assert model.config._attn_implementation == "sdpa"  # restored after each step
-
-
-def _random_prompts(n: int, seed: int = 0) -> list[tuple[int, list[int]]]:
-    g = torch.Generator().manual_seed(seed)
-    return [(i, torch.randint(3, 260, (int(k),), generator=g).tolist())
-            for i, k in enumerate(torch.randint(2, 30, (n,), generator=g))]
 
 
 @pytest.mark.parametrize("draft_budget", [128, 6])  # every row drafts / only some steps have room to
@@ -107,9 +109,7 @@ def test_drafted_decoding_equals_plain_greedy(draft_budget, monkeypatch):
                        draft_budget=draft_budget)
     got = {r.index: r.tokens for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
     for i, ids in prompts:
-        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=40, do_sample=False, eos_token_id=list(stops), pad_token_id=2)
-        assert got[i] == [t for t in ref[0, len(ids):].tolist() if t not in stops], i
+        assert got[i] == [t for t in _generate_one(model, ids, 40, stops) if t not in stops], i
     assert max(accepted) > 3  # some step emitted more tokens than there were rows: drafts were kept
     assert len(steps) < 0.8 * sum(map(len, got.values())) / 3
 

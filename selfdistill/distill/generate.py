@@ -165,7 +165,7 @@ def _slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mas
     import torch
 
     pad, unpad = slot_queries
-    _, heads, tokens, dim = query.shape
+    heads, dim = query.shape[1], query.shape[3]
     rows, q = pad.shape
     flat = torch.cat([query[0].transpose(0, 1), query.new_zeros(1, heads, dim)])  # [tokens + 1, heads, dim]
     # The heads that share a kv head become one query block of (group x q) rows: the KV is read once.
@@ -196,7 +196,7 @@ def split_slots(first: list[int], end: int | list[int], group_cost: int,
     ends = [end] * n if isinstance(end, int) else end
     best, cut = [0.0] + [inf] * n, [0] * (n + 1)
     for j in range(1, n + 1):
-        col, last = 10**12, 0
+        col, last = inf, 0
         for i in range(j - 1, max(-1, j - 1 - max_rows), -1):
             col, last = min(col, first[i]), max(last, ends[i])
             cost = best[i] + (j - i) * (last - col) + group_cost
