@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfdistill.config import dump_yaml, from_dict, key_dict, opt, to_dict
+from selfdistill.config import dump_yaml, from_dict, key_dict, opt
 from selfdistill.distill import DistillConfig, distill
 from selfdistill.errors import UserError
 from selfdistill.evaluate import EvalConfig, default_data_dir, drift_many, evaluate
