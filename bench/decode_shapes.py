@@ -4,6 +4,8 @@
    the time hardly moves, which is why drafted tokens are nearly free once the batch thins.
 2. Decode attention over 32 rows x 500 KV columns with 3, 6 or 15 queries per kv head (1, 2 or 5 tokens
    per row): sdpa with no mask, a bool mask, an additive bias; in fp32; and explicit matmul + softmax.
+   Then the same projections and the 49k-row LM head on weights reordered once for oneDNN (the engine's
+   packed linears) against plain F.linear, called alternately.
 3. Greedy argmax over 120 rows of bf16 logits: fp32 upcast + argmax vs the engine's `greedy_ids`.
 
     .venv/bin/python bench/decode_shapes.py
@@ -16,12 +18,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.functional import linear, scaled_dot_product_attention as sdpa
+from torch.nn.functional import linear
+from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selfdistill.distill.generate import greedy_ids  # noqa: E402
+from selfdistill.distill.onednn import PACK_ROWS, _packed_forward  # noqa: E402
 from selfdistill.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 
@@ -35,6 +39,19 @@ def timed(fn, reps: int = 20) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return 1000 * sorted(times)[reps // 2]
+
+
+def alternating(runs: dict, reps: int = 15) -> dict[str, float]:
+    """Median ms of each callable, calling them in turn `reps` times (after one warm-up each)."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * sorted(t)[reps // 2] for name, t in times.items()}
 
 
 def main() -> None:
@@ -51,6 +68,24 @@ def main() -> None:
         times[tokens] = ms = cfg.num_hidden_layers * timed(lambda: [linear(xs[w.shape[1]], w) for w in weights])
         print(f"  {tokens:4d} tokens: {ms:6.1f} ms  {flops * tokens / ms / 1e6:6.0f} GFLOP/s  {ms / tokens:.3f} ms/token")
     print("  time vs 64 tokens: " + "  ".join(f"{t}: x{ms / times[64]:.2f}" for t, ms in times.items()))
+
+    # The engine's packed linears (distill/onednn.py): weights reordered once for oneDNN, timed alternately with
+    # plain F.linear so both see the same drift.
+    lm_head = model.lm_head.weight
+    print("projections and LM head on weights packed once (distill/onednn.py) vs F.linear, alternating")
+    for tokens in (16, 64, 128, 256, 1024):
+        xs = {k: torch.randn(tokens, k, dtype=torch.bfloat16) for k in {w.shape[1] for w in weights}}
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) for w in (*weights, lm_head)]
+        runs = {"layer plain": lambda: [linear(xs[w.shape[1]], w) for w in weights],
+                "layer packed": lambda: [_packed_forward(p, None, xs[w.shape[1]]) for w, p in zip(weights, packed)],
+                "head plain": lambda: linear(xs[lm_head.shape[1]], lm_head),
+                "head packed": lambda: _packed_forward(packed[-1], None, xs[lm_head.shape[1]])}
+        assert torch.equal(runs["layer plain"]()[-1], runs["layer packed"]()[-1])
+        assert torch.equal(runs["head plain"](), runs["head packed"]())
+        ms = alternating(runs)
+        print(f"  {tokens:4d} tokens: layer {ms['layer plain']:.2f} -> {ms['layer packed']:.2f} ms "
+              f"(x{ms['layer packed'] / ms['layer plain']:.2f}); LM head {ms['head plain']:.2f} -> "
+              f"{ms['head packed']:.2f} ms (x{ms['head packed'] / ms['head plain']:.2f})")
 
     rows, kv, dim, cols = 32, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, 500
     group = cfg.num_attention_heads // kv

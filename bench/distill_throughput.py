@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--ablate", action="store_true",
-                    help="also time the engine without drafts, and in its first form (no chunked prefill, "
-                         "ragged decode or drafts)")
+                    help="also time the engine without drafts, without packed linears, and in its first form "
+                         "(no chunked prefill, ragged decode, drafts or packed linears)")
     ap.add_argument("--repeat", type=int, default=1, help="engine + one-at-a-time pairs; the median ratio counts")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
@@ -81,10 +81,12 @@ def main() -> None:
         got, engine_s = engine(params)
         engine_tokens = sum(len(v) for v in got.values())
         print(f"[{rep}] engine: {engine_tokens} tokens in {engine_s:.1f} s", file=sys.stderr, flush=True)
-        if args.ablate and rep == 0:  # the same engine without drafts; and its first form (one prefill
-            # forward for the whole fill, one attention call over the shared window, no drafts)
+        if args.ablate and rep == 0:  # the same engine without drafts, or without packed linears; and its
+            # first form (one prefill forward for the whole fill, one attention call over the shared window)
             for name, p in (("without_drafts", replace(params, draft_tokens=0)),
-                            ("first_form", replace(params, prefill_tokens=10**9, ragged=False, draft_tokens=0))):
+                            ("without_packed_linears", replace(params, packed_linears=False)),
+                            ("first_form", replace(params, prefill_tokens=10**9, ragged=False, draft_tokens=0,
+                                                   packed_linears=False))):
                 out, secs = engine(p)
                 n = sum(len(v) for v in out.values())
                 ablation[name] = {"tokens": n, "seconds": round(secs, 2), "tok_s": round(n / secs, 1),

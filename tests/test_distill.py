@@ -155,6 +155,43 @@ def test_greedy_ids_match_fp32_argmax_with_ties_and_negatives():
     assert greedy_ids(torch.tensor([[0.5, 2.0, 2.0]])).tolist() == [1]
 
 
+def test_prefill_chunks_fill_the_token_budget_longest_first():
+    from selfdistill.distill.generate import RefillEngine
+
+    engine = RefillEngine.__new__(RefillEngine)  # _chunks only reads the params
+    engine.params = GenParams(prefill_tokens=100)
+    batch = [(i, [1] * n) for i, n in enumerate([10, 60, 30, 25, 120, 30, 5])]
+    free = [9, 8, 7, 6, 5, 4, 3]
+    chunks = list(engine._chunks(batch, free))
+    assert [[i for i, _ in c] for c, _ in chunks] == [[4], [1], [2, 5, 3], [0, 6]]
+    assert [s for _, slots in chunks for s in slots] == [5, 8, 7, 4, 6, 9, 3]  # each prompt keeps its slot
+    for chunk, _ in chunks:  # padded to its own longest, within the budget unless one prompt alone exceeds it
+        assert len(chunk) == 1 or len(chunk) * max(len(ids) for _, ids in chunk) <= 100
+
+
+def test_packed_linears_give_the_same_bf16_outputs_and_are_undone():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import make_model
+
+    from selfdistill.distill.onednn import can_pack, packed_linears
+
+    model = make_model(layers=2, seed=4).to(torch.bfloat16)
+    if not can_pack(model):
+        pytest.skip("this CPU's oneDNN has no 16-bit linear")
+    ids = torch.randint(3, 260, (3, 17), generator=torch.Generator().manual_seed(0))
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+        with packed_linears(model) as n:
+            assert n == len(linears) == 2 * 7 + 1 and all("forward" in vars(m) for m in linears)
+            packed = model(input_ids=ids).logits
+        assert not any("forward" in vars(m) for m in linears)
+        assert torch.equal(model(input_ids=ids).logits, plain)
+    assert torch.equal(packed, plain)
+    with packed_linears(model.float()) as n:  # fp32 stays on the plain path
+        assert n == 0
+
+
 def test_split_slots_groups_rows_by_their_first_column():
     from selfdistill.distill.generate import split_slots
 
