@@ -2,7 +2,9 @@
 
 Times every prefill chunk and every decode step of one engine run (the same 64 GSM8K rewrite prompts as
 bench/distill_throughput.py) and prints both totals, the mean step time and rows per step; with --profile
-it also prints torch.profiler's top operators over 10 decode steps with `--profile-rows` rows live.
+it also prints torch.profiler's top operators over 10 decode steps with `--profile-rows` rows live, and
+with --packed-ab the median decode step with and without the packed linears (distill/onednn.py), the two
+alternating step by step on one engine so that both see the same drift of the box's speed.
 
     .venv/bin/python bench/distill_engine_split.py --n 64 --batch-size 64 --max-new-tokens 256
 """
@@ -24,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from selfdistill.data import load_examples  # noqa: E402
 from selfdistill.distill import generate as engine_module  # noqa: E402
+from selfdistill.distill.onednn import packed_linears  # noqa: E402
 from selfdistill.distill.prompts import render_rewrite  # noqa: E402
 from selfdistill.models import DEFAULT_MODEL, load_model  # noqa: E402
 
@@ -40,6 +43,8 @@ def main() -> None:
     ap.add_argument("--draft-budget", type=int, default=engine_module.GenParams.draft_budget)
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 10 decode steps")
     ap.add_argument("--profile-rows", type=int, default=None, help="rows live while profiling (default: batch size)")
+    ap.add_argument("--packed-ab", default=None, metavar="ROWS,...",
+                    help="alternate 40 decode steps with and without packed linears at each of these live-row counts")
     args = ap.parse_args()
 
     model, tok = load_model(DEFAULT_MODEL, dtype="bfloat16")
@@ -90,18 +95,35 @@ def main() -> None:
         "prefill_tokens": args.prefill_tokens, "ragged": not args.no_ragged, "draft_tokens": args.draft_tokens,
         "draft_budget": args.draft_budget, "threads": torch.get_num_threads(),
     }, indent=2))
-    if args.profile:
-        live = args.profile_rows or args.batch_size  # drafts get budget // live - 1 tokens per row
+    def decoding(live: int):
+        """An engine with `live` rows that never finish, past its first steps (into drafting)."""
         eng = cls(model, replace(params, max_new_tokens=10**6, batch_size=live, stop_ids=()), 0)
         prompts = list(engine_module.length_sorted(list(enumerate(ids[:live])), 8 * live))
-        with torch.inference_mode():
-            list(eng._fill(prompts, list(range(len(prompts)))))
-            for _ in range(20):  # past the first steps, into drafting
-                list(eng._step())
+        list(eng._fill(prompts, list(range(len(prompts)))))
+        for _ in range(20):
+            list(eng._step())
+        return eng
+
+    if args.profile:
+        live = args.profile_rows or args.batch_size  # drafts get budget // live - 1 tokens per row
+        with torch.inference_mode(), packed_linears(model):
+            eng = decoding(live)
             with torch.profiler.profile() as prof:
                 for _ in range(10):
                     list(eng._step())
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    for live in map(int, args.packed_ab.split(",")) if args.packed_ab else ():
+        times: dict[bool, list[float]] = {False: [], True: []}
+        with torch.inference_mode():
+            eng = decoding(live)
+            for i in range(40):
+                with packed_linears(model, enabled=bool(i % 2)):  # packing itself is outside the timing
+                    t0 = time.perf_counter()
+                    list(eng._step())
+                    times[bool(i % 2)].append(time.perf_counter() - t0)
+        plain, packed = (1000 * sorted(times[k])[len(times[k]) // 2] for k in (False, True))
+        print(f"{live} rows: median decode step {plain:.1f} ms plain, {packed:.1f} ms packed linears "
+              f"(x{packed / plain:.3f})")
 
 
 if __name__ == "__main__":
