@@ -3,7 +3,8 @@
 1. Projections: 30 layers of q/k/v/o/gate/up/down for 16 ... 192 tokens at once (bf16). Below ~64 tokens
    the time hardly moves, which is why drafted tokens are nearly free once the batch thins.
 2. Decode attention over 32 rows x 500 KV columns with 3, 6 or 15 queries per kv head (1, 2 or 5 tokens
-   per row): sdpa with no mask, a bool mask, an additive bias; in fp32; and explicit matmul + softmax.
+   per row): sdpa with no mask, a bool mask, an additive bias; in fp32; and explicit matmul + softmax; the
+   rate at which bf16 sdpa reads the KV, next to a plain sum over as many bytes (and 8x as many).
    Then the same projections and the 49k-row LM head on weights reordered once for oneDNN (the engine's
    packed linears) against plain F.linear, called alternately.
 3. Greedy argmax over 120 rows of bf16 logits: fp32 upcast + argmax vs the engine's `greedy_ids`.
@@ -89,6 +90,7 @@ def main() -> None:
 
     rows, kv, dim, cols = 32, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, 500
     group = cfg.num_attention_heads // kv
+    kv_bytes = 2 * rows * kv * cols * dim * 2  # K and V in bf16
     print(f"decode attention, {rows} rows x {kv} kv heads x {cols} columns, per call (one layer)")
     for per_row in (1, 2, 5):
         g = group * per_row
@@ -108,7 +110,12 @@ def main() -> None:
         print(f"  {per_row} token(s)/row ({g} queries/kv head), ms: {cells}")
         print(f"    bf16 bias vs bool: x{row['bf16 bias'] / row['bf16 bool']:.2f}; fp32 vs bf16 (bias): "
               f"x{row['fp32 bias'] / row['bf16 bias']:.2f}; matmul+softmax vs sdpa (bf16, bias): "
-              f"x{row['bf16 matmul+softmax'] / row['bf16 bias']:.2f}")
+              f"x{row['bf16 matmul+softmax'] / row['bf16 bias']:.2f}; bf16 sdpa (bias) reads the KV at "
+              f"{kv_bytes / row['bf16 bias'] / 1e6:.1f} GB/s")
+    # What reading memory costs here: a sum over a tensor well beyond the 2 cores' L2, the KV's size and 8x it.
+    for mb in (kv_bytes // 2**20, 8 * kv_bytes // 2**20):
+        big = torch.randn(mb * 2**19, dtype=torch.bfloat16)
+        print(f"  reference: sum over {mb} MB of bf16 reads at {mb * 2**20 / timed(big.sum) / 1e6:.1f} GB/s")
 
     logits = torch.randn(120, cfg.vocab_size).bfloat16()
     assert torch.equal(greedy_ids(logits), logits.float().argmax(-1))
