@@ -7,7 +7,8 @@
    rate at which bf16 sdpa reads the KV, next to a plain sum over as many bytes (and 8x as many).
    Then the same projections and the 49k-row LM head on weights reordered once for oneDNN (the engine's
    packed linears) against plain F.linear, called alternately.
-3. Greedy argmax over 120 rows of bf16 logits: fp32 upcast + argmax vs the engine's `greedy_ids`.
+3. Greedy argmax over 120 rows of bf16 logits: fp32 upcast + argmax vs the engine's `greedy_ids`; and how
+   many of the real model's logit rows (4 GSM8K rewrite prompts) have a negative maximum, greedy_ids' slow path.
 
     .venv/bin/python bench/decode_shapes.py
 """
@@ -25,8 +26,10 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from selfdistill.data import load_examples  # noqa: E402
 from selfdistill.distill.generate import greedy_ids  # noqa: E402
 from selfdistill.distill.onednn import PACK_ROWS, _packed_forward  # noqa: E402
+from selfdistill.distill.prompts import render_rewrite  # noqa: E402
 from selfdistill.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 
@@ -56,7 +59,7 @@ def alternating(runs: dict, reps: int = 15) -> dict[str, float]:
 
 
 def main() -> None:
-    model, _ = load_model(DEFAULT_MODEL, dtype="bfloat16")
+    model, tok = load_model(DEFAULT_MODEL, dtype="bfloat16")
     cfg = model.config
     layer = model.model.layers[0]
     weights = [m.weight for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
@@ -122,6 +125,14 @@ def main() -> None:
     upcast, bits = timed(lambda: logits.float().argmax(-1)), timed(lambda: greedy_ids(logits))
     print(f"greedy argmax, 120 x {cfg.vocab_size} bf16 logits: fp32 upcast {upcast:.2f} ms, greedy_ids {bits:.2f} ms "
           f"(x{bits / upcast:.2f})")
+    # greedy_ids' fast path needs a row's maximum to be >= 0: how the real model's rows look on rewrite prompts.
+    examples = load_examples(ROOT.parent / "shared/data/gsm8k/train.jsonl", "gsm8k", limit=4)
+    with torch.inference_mode():
+        maxima = torch.cat([model(input_ids=tok(render_rewrite(e, tok)[0], add_special_tokens=False,
+                                                return_tensors="pt")["input_ids"]).logits[0].max(-1).values
+                            for e in examples])
+    print(f"  real logits (4 GSM8K rewrite prompts, every position): {int((maxima < 0).sum())} of {len(maxima)} rows "
+          f"have a negative maximum; the smallest row maximum is {float(maxima.min()):.2f}")
 
 
 if __name__ == "__main__":

@@ -151,7 +151,11 @@ def test_greedy_ids_match_fp32_argmax_with_ties_and_negatives():
         x[1] = -x[1].abs() - 1  # all negative
         x[2, 10] = x[2, 200] = x[2].max()  # a tie: first index wins
         x[3] = 0.0
+        x[4] = -x[4].abs() - 1
+        x[4, 7] = x[4, 250] = x[4].max()  # a tie in an all-negative row
+        x[5, :150] = -x[5, :150].abs() - 1  # the maximum in the second half
         assert torch.equal(greedy_ids(x), x.float().argmax(-1)), dtype
+        assert torch.equal(greedy_ids(x[None]), x.float().argmax(-1)[None]), dtype
     assert greedy_ids(torch.tensor([[0.5, 2.0, 2.0]])).tolist() == [1]
 
 
