@@ -3,7 +3,8 @@
 `F.linear` on a 16-bit CPU tensor goes through oneDNN, which reorders the weight into its blocked (AMX / VNNI)
 layout on every call. Doing that once per engine run, as inductor's freezing pass does for compiled models,
 cut the 7 projections of a SmolLM2 layer to ~0.7-0.8x their time at 16-256 tokens, and its 49k-row LM head
-to ~0.6-0.8x (bench/decode_shapes.py); a whole decode step took 0.94x (64 rows) and 0.88x (16 rows).
+to ~0.6-0.8x (bench/decode_shapes.py); a whole decode step took 0.90x (64 rows) and 0.91x (16 rows)
+(bench/distill_engine_split.py --packed-ab 64,16).
 Outputs are bit-identical at decode sizes; at prefill sizes (500+ rows) oneDNN may block the sum differently,
 a bf16 rounding difference like any change of batch shape. The packed weights are one more copy of the linear
 weights while the engine runs (+270 MB for SmolLM2-135M, +15 GB for an 8B model); they are dropped when it ends.
