@@ -264,3 +264,10 @@ def render_text(example: Example, tokenizer: Any, chat_template: bool = True) ->
         messages = [*example.messages, {"role": "assistant", "content": example.reference}]
         return tokenizer.apply_chat_template(messages, tokenize=False)
     return f"{example.instruction}\n{example.reference}"
+
+
+def prompt_text(messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """The prompt turns as the model sees them before answering: its chat template, else plain lines."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages) + "\n"

@@ -248,3 +248,17 @@ def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> str:
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if _cpu_has_bf16() else "float32"
+
+
+def stop_token_ids(tokenizer: Any, model: Any | None = None) -> tuple[int, ...]:
+    """End-of-turn ids: the tokenizer's eos, the generation config's eos, and ChatML's <|im_end|>."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+    for text in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return tuple(sorted(ids))

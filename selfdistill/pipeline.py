@@ -11,6 +11,7 @@ of every stage downstream, so exactly those rerun. `--from STAGE` forces a resta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +25,8 @@ from typing import Any
 from selfdistill.config import dump_yaml, from_dict, key_dict, opt
 from selfdistill.distill import DistillConfig, distill
 from selfdistill.errors import UserError
-from selfdistill.evaluate import EvalConfig, default_data_dir, drift_many, evaluate
+from selfdistill.evaluate import EvalConfig, default_data_dir, evaluate
+from selfdistill.evaluate.drift import DriftConfig, PromptSet, run_drift
 from selfdistill.finetune import FinetuneConfig, finetune
 from selfdistill.merge import MergeConfig, merge
 from selfdistill.models import DEFAULT_MODEL
@@ -54,6 +56,13 @@ class DatasetSpec:
     recipe: str | None = opt(None, "recipe: gsm8k, dolly, alpaca, openmathinstruct, ...")
     limit: int | None = opt(None, "rows to distill and train on")
     offset: int = opt(0, "skip this many rows first")
+    heldout_local: str | None = opt(None, "file under data_dir with rows no arm trains on (the recipe's test split)")
+    heldout_split: str | None = opt(None, "hub split with rows no arm trains on, when heldout_local is absent")
+    reserve: int = opt(0, "without a test split: hold out the first N rows (after offset); training starts after")
+
+    @property
+    def train_offset(self) -> int:
+        return self.offset + self.reserve
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,10 @@ class PipelineConfig:
     arms: list[str] = opt(["sft", "sdd"], f"fine-tuning arms: {', '.join(ARMS)}")
     kd_weight: float = opt(0.5, "KD weight of the sdd-kd arm")
     merge_children: bool = opt(True, "with 2+ datasets: tune one SDD child per dataset and SLERP-merge them")
-    drift_prompts: int = opt(50, "held-out prompts (rows after the training rows) for child-vs-parent KL")
+    drift_prompts: int = opt(50, "held-out prompts per drift set (no arm trained on them) for child-vs-parent KL")
     drift_max_new_tokens: int = opt(128, "parent answer length for the drift metrics")
+    drift_general: DatasetSpec | None = opt(None, "general-instruction prompts no arm trains on: drift outside "
+                                                  "the training domain (e.g. AlpacaEval)")
     speculate_children: bool = opt(True, "measure every child as a speculative draft of the parent")
     from_stage: str | None = opt(None, f"force a restart from this stage: {', '.join(STAGES)}")
     # Stage sections: any field of the stage's config; the inputs and outputs are filled in per run.
@@ -78,6 +89,7 @@ class PipelineConfig:
     merge: dict[str, Any] = opt({}, "MergeConfig fields (models, out filled in)")
     speculate: dict[str, Any] = opt({}, "SpeculateConfig fields (target, draft, prompts, out filled in)")
     profile: dict[str, Any] = opt({}, "ProfileConfig fields (model, out filled in)")
+    drift: dict[str, Any] = opt({}, "DriftConfig fields (parent, children, sets filled in)")
 
     FLAG_ALIASES = {"from_stage": "--from"}
 
@@ -94,16 +106,24 @@ class PipelineConfig:
             raise ValueError("every dataset needs a unique, non-empty name")
         for name, placeholders in _IO_PLACEHOLDERS.items():  # validate each section now, not mid-run
             stage_config(self, name, **placeholders)
+        first, needed = self.datasets[0], max(self.drift_prompts, int(self.speculate.get("limit", 32)))
+        if not (first.heldout_local or first.heldout_split or first.reserve):
+            raise ValueError(f"dataset '{first.name}': drift and drafts are measured on its held-out rows; give "
+                             "heldout_local, heldout_split (its test split) or reserve (rows held out of training)")
+        if first.reserve and first.reserve < needed:
+            raise ValueError(f"dataset '{first.name}': reserve {first.reserve} is fewer than the {needed} rows "
+                             "drift_prompts / speculate.limit measure")
 
 
 _IO_PLACEHOLDERS: dict[str, dict[str, Any]] = {
     "prune": {"out": "-"}, "distill": {"dataset": "-", "out": "-"}, "finetune": {"model": "-", "data": "-", "out": "-"},
     "evaluate": {"model": ["-"], "out": "-"}, "merge": {"models": ["-", "-"], "out": "-"},
     "speculate": {"draft": ["-"], "prompts": "-", "out": "-"}, "profile": {"model": ["-"], "out": "-"},
+    "drift": {"children": {"-": "-"}},
 }
 _SECTION_CLASSES = {"prune": PruneConfig, "distill": DistillConfig, "finetune": FinetuneConfig,
                     "evaluate": EvalConfig, "merge": MergeConfig, "speculate": SpeculateConfig,
-                    "profile": ProfileConfig}
+                    "profile": ProfileConfig, "drift": DriftConfig}
 
 
 def stage_config(cfg: PipelineConfig, section: str, **io: Any) -> Any:
@@ -135,7 +155,7 @@ class Stages:
     def run(self, name: str, kind: str, config: Any, fn: Callable[[Any], Any], after: tuple[str, ...] = (),
             external: dict[str, str] = {}) -> Any:
         folder = self.root / name
-        payload = {"config": key_dict(config) if hasattr(config, "__dataclass_fields__") else config,
+        payload = {"config": key_dict(config),
                    "after": [self.keys[a] for a in after], "external": {k: hash_path(v) for k, v in external.items()}}
         key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.keys[name] = key
@@ -169,7 +189,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     atomic_write_text(root / "config.yaml", dump_yaml(cfg))
     s = Stages(cfg)
     local = {k: v for k, v in sources.items() if Path(v).is_file()}
-    first = cfg.datasets[0]
     evaluation = {"data_dir": str(data_dir or ""), "seed": cfg.seed}
 
     # 1. The parent's scores (cached by model hash, so the final evaluation reuses them).
@@ -177,15 +196,15 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                                                      out=root / "parent-eval"), evaluate)
     # 2. Prune: score blocks on the first dataset's text (unless the section names other calibration data).
     s.run("pruned", "prune", stage_config(
-        cfg, "prune", model=cfg.parent, calibration=cfg.prune.get("calibration") or sources[first.name],
-        recipe=cfg.prune.get("recipe") or first.recipe, seed=cfg.seed, out=root / "pruned"), prune, external=local)
+        cfg, "prune", model=cfg.parent, calibration=cfg.prune.get("calibration") or sources[cfg.datasets[0].name],
+        recipe=cfg.prune.get("recipe") or cfg.datasets[0].recipe, seed=cfg.seed, out=root / "pruned"), prune, external=local)
     # 3. Self-data distillation: the *unpruned* parent rewrites each dataset's answers.
     distilled = {}
     for d in cfg.datasets:
         out = root / f"distill-{d.name}" / "distilled.jsonl"
         s.run(f"distill-{d.name}", "distill", stage_config(
             cfg, "distill", teacher=cfg.parent, dataset=sources[d.name], recipe=d.recipe, limit=d.limit,
-            offset=d.offset, split=d.split, subset=d.subset, seed=cfg.seed, out=out), distill,
+            offset=d.train_offset, split=d.split, subset=d.subset, seed=cfg.seed, out=out), distill,
             external={d.name: sources[d.name]} if d.name in local else {})
         distilled[d.name] = out
     train_data = _combined(root, distilled)
@@ -206,16 +225,19 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     # 6. Evaluate every child against the parent: retention, chance-corrected, paired bootstrap.
     s.run("evaluate", "evaluate", stage_config(cfg, "evaluate", **evaluation, model=list(children.values()),
                                                baseline=cfg.parent, out=root / "evaluate"), evaluate, after=child_stages)
-    # 7. Drift: how far each child moved from its parent, on held-out prompts of the first dataset.
-    s.run("drift", "drift", {"children": children, "parent": cfg.parent, "prompts": sources[first.name],
-                             "recipe": first.recipe, "offset": first.offset + (first.limit or 0),
-                             "limit": cfg.drift_prompts, "max_new_tokens": cfg.drift_max_new_tokens},
-          _drift, after=child_stages)
+    # 7. Drift: how far each child moved from its parent, on rows no arm trained on (in and out of domain).
+    sets = measured_sets(cfg, data_dir)
+    s.run("drift", "drift", stage_config(
+        cfg, "drift", parent=cfg.parent, children={Path(p).name: p for p in children.values()}, seed=cfg.seed,
+        sets=[dataclasses.asdict(x) for x in sets], max_new_tokens=cfg.drift_max_new_tokens), run_drift,
+        after=child_stages)
     # 8. Speculative decoding: each child as a draft of its parent.
     if cfg.speculate_children:
+        rows = sets[0]
         s.run("speculate", "speculate", stage_config(
-            cfg, "speculate", target=cfg.parent, draft=list(children.values()), prompts=sources[first.name],
-            recipe=first.recipe, out=root / "speculate" / "speculate.json"), speculate, after=child_stages)
+            cfg, "speculate", target=cfg.parent, draft=list(children.values()), prompts=rows.source,
+            recipe=rows.recipe, offset=rows.offset, split=rows.split, subset=rows.subset,
+            out=root / "speculate" / "speculate.json"), speculate, after=child_stages)
     # 9. Cost: parameters, FLOPs and latency of the parent and of the pruned shape (every child shares it).
     s.run("profile", "profile", stage_config(cfg, "profile", model=[cfg.parent, children["pruned"]],
                                              out=root / "profile" / "profile.json"), profile, after=("pruned",))
@@ -253,8 +275,32 @@ def _combined(root: Path, distilled: dict[str, Path]) -> Path:
     return out
 
 
-def _drift(spec: dict[str, Any]) -> dict[str, Any]:
-    from selfdistill.data import load_examples
+def _heldout(spec: DatasetSpec, data_dir: Path | None, limit: int) -> PromptSet:
+    """Rows of `spec` that no arm trains on: its reserved slice, else its test split (local, then hub)."""
+    name = f"{spec.name}-heldout"
+    if spec.reserve:
+        return PromptSet(name=name, source=resolve_dataset(spec, data_dir), recipe=spec.recipe, offset=spec.offset,
+                         limit=min(limit, spec.reserve), split=spec.split, subset=spec.subset)
+    local = Path(spec.heldout_local).expanduser() if spec.heldout_local else None
+    for candidate in (local, (data_dir / local) if data_dir and local else None):
+        if candidate is not None and candidate.is_file():
+            return PromptSet(name=name, source=str(candidate.resolve()), recipe=spec.recipe, limit=limit)
+    if spec.hub and spec.heldout_split:
+        return PromptSet(name=name, source=spec.hub, recipe=spec.recipe, limit=limit, split=spec.heldout_split,
+                         subset=spec.subset)
+    raise UserError(f"dataset '{spec.name}': held-out file '{spec.heldout_local}' not found and no hub split given")
 
-    prompts = load_examples(spec["prompts"], spec["recipe"], offset=spec["offset"], limit=spec["limit"])
-    return drift_many(spec["parent"], spec["children"], prompts, max_new_tokens=spec["max_new_tokens"])
+
+def measured_sets(cfg: PipelineConfig, data_dir: Path | None) -> list[PromptSet]:
+    """Where children are measured beside accuracy (drift, drafts): the first dataset's held-out rows, then
+    the general-instruction prompts, which must not be a training file."""
+    sets = [_heldout(cfg.datasets[0], data_dir, cfg.drift_prompts)]
+    general = cfg.drift_general
+    if general is not None:
+        source = resolve_dataset(general, data_dir)
+        if source in {resolve_dataset(d, data_dir) for d in cfg.datasets}:
+            raise UserError(f"drift_general '{general.name}': {source} is a training dataset; pick prompts no arm "
+                            "trains on")
+        sets.append(PromptSet(name=general.name, source=source, recipe=general.recipe, offset=general.offset,
+                              limit=cfg.drift_prompts, split=general.split, subset=general.subset))
+    return sets

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Any
 from selfdistill.config import opt
 from selfdistill.errors import UserError
 from selfdistill.evaluate.outputs import distinct_pairs
+from selfdistill.report_measures import Block, drift_blocks, first_drift_set, pruning_check_blocks
+from selfdistill.report_measures import fmt as _fmt
 from selfdistill.rundir import atomic_path, atomic_write_text, read_manifest
-
-Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", path, alt)
 
 
 @dataclass(frozen=True)
@@ -37,12 +36,6 @@ def _read(path: Path) -> Any:
 
 def _label(name: str) -> str:
     return Path(str(name).rstrip("/")).name
-
-
-def _fmt(x: Any, digits: int = 1, scale: float = 1.0) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return f"{x * scale:.{digits}f}"
 
 
 def _pruning_blocks(run: Path) -> list[Block]:
@@ -62,7 +55,7 @@ def _pruning_blocks(run: Path) -> list[Block]:
         blocks.append(("p", f"Scores around the chosen start layer {chosen}: {around}."))
     if (run / "pruned" / "distances.png").is_file():
         blocks.append(("img", run / "pruned" / "distances.png", "layer distance heatmap"))
-    return blocks
+    return blocks + pruning_check_blocks(run)
 
 
 def _distill_blocks(run: Path) -> list[Block]:
@@ -86,7 +79,7 @@ def _distill_blocks(run: Path) -> list[Block]:
 
 def _model_rows(run: Path) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
     scores = _read(run / "evaluate" / "scores.json") or _read(run / "parent-eval" / "scores.json") or {}
-    drift = _read(run / "drift" / "result.json") or {}
+    drift = first_drift_set(run)
     spec = _read(run / "speculate" / "speculate.json") or {}
     profile = _read(run / "profile" / "result.json") or {}
     drafts = {_label(d["draft"]): d for d in spec.get("drafts", [])}
@@ -272,7 +265,7 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
             f"chance (left out of 'retention (signal)'). Evaluation: preset {settings.get('preset', '?')}, "
             f"harness {settings.get('harness', '?')}, "
             f"{settings.get('subset', '')}."))]
-        blocks += _plots(run, out, headers, rows, scores) + _comparison_blocks(scores)
+        blocks += _plots(run, out, headers, rows, scores) + _comparison_blocks(scores) + drift_blocks(run)
     blocks += _cost_blocks(run) + _speculate_blocks(run) + _stage_times(run)
     if config:
         blocks += [("h2", "Resolved config"), ("p", "See config.yaml in the run directory.")]

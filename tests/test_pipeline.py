@@ -9,6 +9,7 @@ import pytest
 
 from selfdistill.cli import main
 from selfdistill.config import from_dict
+from selfdistill.errors import UserError
 from selfdistill.pipeline import PipelineConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +21,10 @@ def _config(tmp_path: Path, parent: Path, data_dir: Path, **overrides) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {
         "run_dir": str(tmp_path / "run"), "parent": str(parent), "data_dir": str(data_dir),
-        "datasets": [{"name": "gsm8k", "local": str(data), "recipe": "gsm8k", "limit": 4}],
+        "datasets": [{"name": "gsm8k", "local": str(data), "recipe": "gsm8k", "limit": 4,
+                      "heldout_local": "gsm8k/test.jsonl"}],
+        "drift_general": {"name": "general", "local": "alpaca_eval/results/gpt4_1106_preview/model_outputs.json",
+                          "recipe": "alpaca"},
         "arms": ["sft", "sdd"], "drift_prompts": 2, "drift_max_new_tokens": 4,
         "prune": {"num_layers": 2, "calibration_samples": 4, "max_length": 48},
         "distill": {"batch_size": 4, "max_new_tokens": 8, "dtype": "float32"},
@@ -144,3 +148,54 @@ def test_from_stage_reruns_that_stage_and_everything_after(finished_run):
     run(from_dict(PipelineConfig, dict(data, from_stage="speculate")))
     now = {p.parent.name: p.stat().st_mtime_ns for p in run_dir.glob("*/manifest.json")}
     assert {name for name in now if now[name] != mtimes.get(name)} == {"speculate", "profile", "report"}
+
+
+def _prompts(source: str, recipe: str | None, offset: int, limit: int | None, split: str = "train") -> set[str]:
+    from selfdistill.data import load_examples
+
+    return {e.instruction.strip() for e in load_examples(source, recipe, offset=offset, limit=limit, split=split)}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_measured_rows_are_rows_no_arm_trains_on(path, data_dir):
+    """Drift and drafts read rows outside every arm's training rows: by index within one file, by content across."""
+    from selfdistill.config import load_config
+    from selfdistill.pipeline import measured_sets, resolve_dataset
+
+    cfg = load_config(PipelineConfig, path, [f"data_dir={data_dir}"])
+    sets = measured_sets(cfg, data_dir)
+    assert sets[0].name.endswith("-heldout") and len(sets) == 2  # every shipped config measures out of domain too
+    for s in sets:
+        for d in cfg.datasets:
+            source = resolve_dataset(d, data_dir)
+            if source == s.source:
+                end = d.train_offset + (d.limit if d.limit is not None else 10**9)
+                assert s.offset + s.limit <= d.train_offset or s.offset >= end
+            elif Path(source).is_file() and Path(s.source).is_file():
+                trained = _prompts(source, d.recipe, d.train_offset, d.limit)
+                assert not trained & _prompts(s.source, s.recipe, s.offset, s.limit)
+
+
+def test_drift_and_drafts_record_the_heldout_rows_they_used(finished_run, data_dir):
+    _, data, _ = finished_run
+    run_dir = Path(data["run_dir"])
+    spec = json.loads((run_dir / "speculate" / "speculate.json").read_text())
+    assert spec["prompts_source"].endswith("gsm8k/test.jsonl") and spec["rows"] == ["gsm8k-0", "gsm8k-1"]
+    drift = json.loads((run_dir / "drift" / "result.json").read_text())
+    assert list(drift["sets"]) == ["gsm8k-heldout", "general"]
+    held = drift["sets"]["gsm8k-heldout"]
+    assert held["source"].endswith("gsm8k/test.jsonl") and len(held["rows"]) == 2
+    child = held["children"]["sft"]
+    assert child["kl_ci95"][0] <= child["kl"] <= child["kl_ci95"][1]
+    assert {(p["a"], p["b"]) for p in held["paired"]} >= {("sft", "sdd")}
+    assert "Drift from the parent" in (run_dir / "report" / "report.md").read_text()
+
+
+def test_a_first_dataset_without_heldout_rows_is_refused(tmp_path, tiny_model_dir, data_dir):
+    data = _config(tmp_path, tiny_model_dir, data_dir)
+    del data["datasets"][0]["heldout_local"]
+    with pytest.raises(UserError, match="held-out rows"):
+        from_dict(PipelineConfig, data)
+    data["datasets"][0]["reserve"] = 1
+    with pytest.raises(UserError, match="reserve 1 is fewer than the 2 rows"):
+        from_dict(PipelineConfig, data)

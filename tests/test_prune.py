@@ -11,8 +11,10 @@ import torch
 from tiny import ARCHS, make_model, make_tokenizer
 
 from selfdistill.cli import main
+from selfdistill.data import Example
 from selfdistill.models import decoder_layers
-from selfdistill.prune import PruneConfig, calibration_batches, prune
+from selfdistill.prune import PruneConfig, calibration_data, prune
+from selfdistill.prune.calibration import build
 from selfdistill.prune.scoring import SCORERS, angular_distance_matrix
 from selfdistill.prune.surgery import remove_layers
 
@@ -28,7 +30,7 @@ def _texts_file(tmp_path: Path, n: int = 6) -> Path:
 
 def _batches(tmp_path: Path, tok, max_length: int = 48):
     cfg = PruneConfig(calibration=str(_texts_file(tmp_path)), max_length=max_length, batch_size=4)
-    return calibration_batches(cfg, tok, "cpu")
+    return calibration_data(cfg, tok, "cpu").batches
 
 
 def _make_identity(layer) -> None:
@@ -90,6 +92,32 @@ def test_angular_matches_independent_unbatched_computation(tmp_path):
             expected = sum(math.acos(max(-1.0, min(1.0, torch.nn.functional.cosine_similarity(
                 s[l].double(), s[l + n].double(), dim=0).item()))) / math.pi for s in per_sample) / len(per_sample)
             assert ours[n - 1][l] == pytest.approx(expected, abs=1e-5)
+
+
+def test_score_position_is_the_content_end_not_the_template_close():
+    """With the chat template on, T is the answer's last token, not `<|im_end|>` or the newline after it."""
+    tok = make_tokenizer()
+    example = Example(id="0", messages=[{"role": "user", "content": "What is 2+3?"}], reference="It is 5.")
+    for template in (True, False):
+        data = build([example], [], tok, chat_template=template, max_length=128, batch_size=1, device="cpu",
+                     source="x")
+        ids, position = data.batches[0]["input_ids"][0], int(data.batches[0]["positions"][0])
+        assert tok.decode(ids[: position + 1]).endswith("It is 5.")
+        assert (data.trailing_tokens > 0) == template  # the template closes the turn after the content
+
+
+def test_candidates_are_checked_on_heldout_rows(tmp_path, tiny_model_dir):
+    out = tmp_path / "c"
+    prune(PruneConfig(model=str(tiny_model_dir), num_layers=2, calibration=str(_texts_file(tmp_path, n=10)),
+                      calibration_samples=6, heldout_samples=4, candidates=2, max_length=32, out=str(out)))
+    report = json.loads((out / "pruning.json").read_text())
+    check = report["heldout_check"]
+    assert check["rows"] == 4 and len(check["candidates"]) in (2, 3)
+    assert sum(c["chosen"] for c in check["candidates"]) == 1
+    chosen = next(c for c in check["candidates"] if c["chosen"])
+    assert chosen["start"] == report["removed_layers"][0]
+    assert all(math.isfinite(c["heldout_loss_increase"]) for c in check["candidates"])
+    assert "content" in report["calibration"]["position"]
 
 
 def test_distance_of_a_state_with_itself_is_zero():
@@ -182,6 +210,18 @@ def test_a_failed_rerun_keeps_the_previous_output(tmp_path, tiny_model_dir):
     before = (out / "model.safetensors").read_bytes()
     assert main(["prune", "--model", str(tiny_model_dir), "--layers", "1:9", "--out", str(out)]) == 2
     assert (out / "model.safetensors").read_bytes() == before and (out / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_real_model_templated_and_plain_calibration_choose_the_same_block(tmp_path, gsm8k_train):
+    """SmolLM2-135M on 32 GSM8K rows: with the content position, the chat template no longer moves the cut."""
+    chosen = {}
+    for template in (True, False):
+        result = prune(PruneConfig(model="smollm2-135m-instruct", num_layers=6, calibration=str(gsm8k_train),
+                                   recipe="gsm8k", calibration_samples=32, heldout_samples=8, max_length=256,
+                                   chat_template=template, out=str(tmp_path / f"t{template}")))
+        chosen[template] = result["removed_layers"]
+    assert chosen[True] == chosen[False] == list(range(10, 16))
 
 
 @pytest.mark.slow

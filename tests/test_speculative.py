@@ -146,7 +146,7 @@ def test_stage_two_drafts_table_and_json(tiny_model_dir, tmp_path):
     out = tmp_path / "spec.json"
     cfg = SpeculateConfig(target=str(tiny_model_dir), draft=[str(tiny_model_dir), str(child)],
                           prompts=str(_write_prompts(tmp_path / "p.jsonl")), recipe="gsm8k", k=3, limit=3,
-                          max_new_tokens=12, out=out)
+                          max_new_tokens=12, hf_assisted=True, out=out)
     result = speculate(cfg)
     self_row, child_row = result["drafts"]
     assert self_row["draft_acceptance_rate"] == 1.0 and self_row["lossless"] and child_row["lossless"]

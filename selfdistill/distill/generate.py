@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from selfdistill.distill.onednn import packed_linears
+from selfdistill.models import stop_token_ids  # noqa: F401 - the engine's stop ids live with the loaders
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +49,6 @@ class Result:
     index: int  # the caller's key for the prompt
     tokens: list[int]  # generated ids, without the stop token
     finish: str  # "stop" (end-of-turn) | "length" (max_new_tokens reached)
-
-
-def stop_token_ids(tokenizer: Any, model: Any | None = None) -> tuple[int, ...]:
-    """End-of-turn ids: the tokenizer's eos, the generation config's eos, and ChatML's <|im_end|>."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
-    for text in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(text)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    return tuple(sorted(ids))
 
 
 class SlotCache:

@@ -8,19 +8,18 @@ plus `pruning.json`, `distances.png` and `manifest.json`.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from selfdistill.config import opt, to_dict
-from selfdistill.data import load_examples, render_text
+from selfdistill.data import load_examples
 from selfdistill.errors import UserError
 from selfdistill.models import DEFAULT_MODEL, decoder_layers, load_model, resolve_device, write_model
 from selfdistill.profile import count_parameters, paper_flops_per_token
+from selfdistill.prune import calibration
+from selfdistill.prune.candidates import check_candidates
 from selfdistill.prune.plot import plot_scores
 from selfdistill.prune.scoring import SCORERS, LayerScores
 from selfdistill.prune.surgery import format_range, parse_range, remove_layers
@@ -43,6 +42,8 @@ class PruneConfig:
     shuffle: bool = opt(False, "sample calibration rows at random (seeded) instead of taking the first ones")
     seed: int = opt(0, "seed for the calibration sample")
     batch_size: int = opt(8, "calibration batch size")
+    heldout_samples: int = opt(32, "rows after the calibration sample on which the best blocks' loss is checked")
+    candidates: int = opt(3, "how many of the best-scored blocks to check on the held-out rows (0: no check)")
     dtype: str = opt("float32", "dtype for scoring and for the saved child")
     device: str = opt("auto", "cpu, cuda, or auto")
     split: str = opt("train", "split, for hub datasets")
@@ -58,33 +59,22 @@ class PruneConfig:
             raise ValueError(f"num_layers must be at least 1, got {self.num_layers}")
         if self.calibration_samples <= 0 or self.max_length <= 1 or self.batch_size <= 0:
             raise ValueError("calibration_samples, max_length and batch_size must be positive")
+        if self.heldout_samples < 0 or self.candidates < 0:
+            raise ValueError("heldout_samples and candidates must be >= 0")
 
 
-def calibration_batches(cfg: PruneConfig, tokenizer: Any, device: str) -> list[dict[str, torch.Tensor]]:
-    """Calibration texts tokenized, sorted by length and right-padded into batches."""
-    pool = None if cfg.shuffle else cfg.calibration_samples
-    examples = load_examples(cfg.calibration, cfg.recipe, limit=pool, split=cfg.split, on_bad_row=cfg.on_bad_row)
-    if cfg.shuffle and len(examples) > cfg.calibration_samples:
-        examples = random.Random(cfg.seed).sample(examples, cfg.calibration_samples)
-    texts = [render_text(e, tokenizer, cfg.chat_template) for e in examples]
-    encoded = [tokenizer(t, truncation=True, max_length=cfg.max_length, add_special_tokens=False)["input_ids"]
-               for t in texts]
-    encoded = sorted((ids for ids in encoded if len(ids) > 1), key=len)
-    if not encoded:
-        raise UserError(f"{cfg.calibration}: no calibration sample has at least 2 tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for i in range(0, len(encoded), cfg.batch_size):
-        chunk = encoded[i:i + cfg.batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
-    log.info("calibration: %d samples, %d tokens, %d batches", len(encoded), sum(map(len, encoded)), len(batches))
-    return batches
+def calibration_data(cfg: PruneConfig, tokenizer: Any, device: str) -> calibration.Calibration:
+    """The calibration sample and the held-out rows after it, tokenized with each row's content position."""
+    wanted = cfg.calibration_samples + cfg.heldout_samples
+    examples = load_examples(cfg.calibration, cfg.recipe, limit=None if cfg.shuffle else wanted, split=cfg.split,
+                             on_bad_row=cfg.on_bad_row)
+    rows, heldout = calibration.split_rows(examples, cfg.calibration_samples, cfg.heldout_samples, cfg.shuffle,
+                                           cfg.seed)
+    data = calibration.build(rows, heldout, tokenizer, chat_template=cfg.chat_template, max_length=cfg.max_length,
+                             batch_size=cfg.batch_size, device=device, source=str(cfg.calibration))
+    log.info("calibration: %d samples, %d tokens, %d batches; %d held-out rows", data.samples, data.tokens,
+             len(data.batches), len(heldout))
+    return data
 
 
 def choose_block(cfg: PruneConfig, total: int) -> tuple[int, list[int] | None]:
@@ -113,14 +103,16 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     total = len(decoder_layers(model))
     n, explicit = choose_block(cfg, total)
     scores: LayerScores | None = None
-    if cfg.calibration:
-        scores = SCORERS[cfg.scorer](model, calibration_batches(cfg, tok, device), n)
+    data = calibration_data(cfg, tok, device) if cfg.calibration else None
+    if data is not None:
+        scores = SCORERS[cfg.scorer](model, data.batches, n)
     removed = explicit if explicit is not None else scores.removed
+    check = check_candidates(model, scores, removed, data.heldout, cfg.candidates) if data else None
     before = count_parameters(model)
     remove_layers(model, removed)
     model.config.pruned_from = str(cfg.model)
     after = count_parameters(model)
-    report = _report(cfg, total, n, removed, scores, before, after)
+    report = _report(cfg, total, n, removed, scores, before, after, data, check)
     card = {"title": f"{Path(str(cfg.model)).name} pruned to {total - n} layers", "pruned_from": str(cfg.model),
             "removed_layers": format_range(removed), "scorer": cfg.scorer if scores else "explicit range",
             "calibration": cfg.calibration, "parameters": f"{before['total']:,} -> {after['total']:,}"}
@@ -136,11 +128,13 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     return {"out": cfg.out, "removed_layers": removed, "removed": format_range(removed),
             "layers_before": total, "layers_after": total - n,
             "parameters_before": before["total"], "parameters_after": after["total"],
-            "flops_reduction": report["flops_per_token"]["reduction"]}
+            "flops_reduction": report["flops_per_token"]["reduction"],
+            "warning": check["warning"] if check else None}
 
 
 def _report(cfg: PruneConfig, total: int, n: int, removed: list[int], scores: LayerScores | None,
-            before: dict, after: dict) -> dict[str, Any]:
+            before: dict, after: dict, data: calibration.Calibration | None,
+            check: dict[str, Any] | None) -> dict[str, Any]:
     flops_before, flops_after = paper_flops_per_token(before["total"]), paper_flops_per_token(after["total"])
     report: dict[str, Any] = {
         "model": str(cfg.model), "scorer": cfg.scorer if scores else None, "n": n,
@@ -152,7 +146,11 @@ def _report(cfg: PruneConfig, total: int, n: int, removed: list[int], scores: La
                             "before": flops_before, "after": flops_after,
                             "reduction": round(1 - flops_after / flops_before, 6)},
         "calibration": {"data": cfg.calibration, "recipe": cfg.recipe, "samples": cfg.calibration_samples,
-                        "max_length": cfg.max_length, "chat_template": cfg.chat_template, "seed": cfg.seed},
+                        "max_length": cfg.max_length, "chat_template": cfg.chat_template, "seed": cfg.seed,
+                        "position": calibration.POSITION_NOTE,
+                        "trailing_template_tokens": data.trailing_tokens if data else None,
+                        "heldout_samples": cfg.heldout_samples},
+        "heldout_check": check,
     }
     if scores is not None:
         report["scores"] = {"distances_by_start": scores.per_start, "block_sizes": scores.block_sizes,

@@ -2,7 +2,8 @@
 
 - `angular` (Gromov et al., arXiv 2403.17887): d(l, n) = arccos(cos(x_T^(l), x_T^(l+n))) / pi, where
   x^(l) is the residual stream entering layer l, x^(L) the last layer's output *before* the final
-  norm, and T the last non-padding token; averaged over samples. One forward pass per batch gives
+  norm, and T the last token of the sample's content (`calibration.py`: not the chat template's closing
+  tokens, which the early layers barely change); averaged over samples. One forward pass per batch gives
   the whole matrix for every block size n and start l (hooks record every layer's input).
 - `block_influence` (ShortGPT, arXiv 2403.03853): BI_l = 1 - mean over tokens of cos(x^(l), x^(l+1)),
   per layer; the n least influential layers are removed (not necessarily contiguous).
@@ -42,10 +43,9 @@ class LayerScores:
         return self.matrix[self.block_sizes.index(self.n)] if self.n in self.block_sizes else []
 
 
-def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last attended position per row (works for left or right padding)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return (positions * mask).argmax(dim=1)
+def _model_inputs(batch: Batch) -> Batch:
+    """What the model's forward takes (the batch also carries the content positions)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -66,6 +66,7 @@ class _ResidualRecorder:
         self.handles.append(final_norm(model).register_forward_pre_hook(self._hook(len(self.layers)),
                                                                         with_kwargs=True))
         self.mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
         self.last: list[torch.Tensor] = []
         self.prev: torch.Tensor | None = None
         self.bi_sum = torch.zeros(len(self.layers), dtype=torch.float64)
@@ -74,17 +75,18 @@ class _ResidualRecorder:
     def _hook(self, index: int) -> Callable:
         def hook(module, args, kwargs):
             x = _hidden(args, kwargs).float()
-            assert self.mask is not None
+            assert self.mask is not None and self.positions is not None
             rows = torch.arange(x.shape[0], device=x.device)
-            self.last.append(x[rows, _last_token_index(self.mask)].cpu())
+            self.last.append(x[rows, self.positions].cpu())
             if self.prev is not None:
                 cos = F.cosine_similarity(self.prev, x, dim=-1)  # (B, T)
                 self.bi_sum[index - 1] += (cos * self.mask).sum().double().cpu()
             self.prev = x
         return hook
 
-    def start_batch(self, mask: torch.Tensor) -> None:
-        self.mask, self.last, self.prev = mask.float(), [], None
+    def start_batch(self, batch: Batch) -> None:
+        mask = batch["attention_mask"]
+        self.mask, self.positions, self.last, self.prev = mask.float(), batch["positions"], [], None
         self.tokens += int(mask.sum())
 
     def remove(self) -> None:
@@ -108,8 +110,8 @@ def _record(model: Any, batches: list[Batch]) -> tuple[torch.Tensor, int, torch.
     samples = 0
     try:
         for batch in tqdm(batches, desc="scoring layers", unit="batch"):
-            recorder.start_batch(batch["attention_mask"])
-            model(**batch, use_cache=False)
+            recorder.start_batch(batch)
+            model(**_model_inputs(batch), use_cache=False)
             states = torch.stack(recorder.last)  # (L+1, B, d)
             dist_sum += angular_distance_matrix(states).sum(dim=-1)
             samples += states.shape[1]
@@ -145,10 +147,11 @@ class _Skip(torch.nn.Module):
 
 
 @torch.no_grad()
-def _mean_loss(model: Any, batches: Iterable[Batch]) -> float:
+def mean_loss(model: Any, batches: Iterable[Batch]) -> float:
+    """Mean next-token loss over the batches' non-padding tokens."""
     total, count = 0.0, 0
     for batch in batches:
-        logits = model(**batch, use_cache=False).logits[:, :-1].float()
+        logits = model(**_model_inputs(batch), use_cache=False).logits[:, :-1].float()
         labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
@@ -157,20 +160,25 @@ def _mean_loss(model: Any, batches: Iterable[Batch]) -> float:
     return total / max(count, 1)
 
 
-def score_loss(model: Any, batches: list[Batch], n: int) -> LayerScores:
+def loss_without_block(model: Any, batches: list[Batch], start: int, n: int) -> float:
+    """Mean next-token loss with layers start..start+n-1 skipped (restored afterwards)."""
     layers = decoder_layers(model)
-    L = len(layers)
-    base = _mean_loss(model, batches)
+    saved = [layers[i] for i in range(start, start + n)]
+    try:
+        for i in range(start, start + n):
+            layers[i] = _Skip()
+        return mean_loss(model, batches)
+    finally:
+        for i, layer in zip(range(start, start + n), saved):
+            layers[i] = layer
+
+
+def score_loss(model: Any, batches: list[Batch], n: int) -> LayerScores:
+    L = len(decoder_layers(model))
+    base = mean_loss(model, batches)
     row: list[float | None] = [None] * L
     for l in tqdm(range(L - n + 1), desc="loss per skipped block", unit="block"):
-        saved = [layers[i] for i in range(l, l + n)]
-        try:
-            for i in range(l, l + n):
-                layers[i] = _Skip()
-            row[l] = _mean_loss(model, batches) - base
-        finally:
-            for i, layer in zip(range(l, l + n), saved):
-                layers[i] = layer
+        row[l] = loss_without_block(model, batches, l, n) - base
     ell_star = min((d, l) for l, d in enumerate(row) if d is not None)[1]
     return LayerScores("loss", n, [n], [row], list(range(ell_star, ell_star + n)), extra={"base_loss": base})
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from selfdistill.config import opt
 from selfdistill.errors import UserError
-from selfdistill.models import DEFAULT_MODEL
+from selfdistill.models import DEFAULT_MODEL, stop_token_ids
 from selfdistill.rundir import atomic_write_json, atomic_write_text
 from selfdistill.speculative.loop import ModelRunner, SpecStats, speculative_generate
 
@@ -34,10 +34,12 @@ class SpeculateConfig:
     k: int = opt(4, "draft tokens proposed per verify step")
     limit: int = opt(32, "number of prompts")
     offset: int = opt(0, "skip this many prompts first")
+    split: str = opt("train", "split, for hub datasets (measure on rows no child was trained on, e.g. test)")
+    subset: str | None = opt(None, "hub dataset config")
     max_new_tokens: int = opt(128, "new tokens per prompt (generation also stops at EOS)")
     dtype: str = opt("float32", "model dtype: float32 (exact ties are rarer) or bfloat16")
     device: str = opt("cpu", "device: cpu, cuda or auto")
-    hf_assisted: bool = opt(True, "also time transformers' assisted generation (assistant_model=)")
+    hf_assisted: bool = opt(False, "also time transformers' assisted generation (assistant_model=): a slow fp32 anchor")
     out: Path | None = opt(None, "JSON file for the results (a Markdown table is written beside it)")
 
     def __post_init__(self) -> None:
@@ -53,11 +55,12 @@ class SpeculateConfig:
             raise ValueError("prompts: give a data file with prompts (--prompts FILE)")
 
 
-def load_prompts(cfg: SpeculateConfig, tok: Any) -> list[list[int]]:
-    """Prompt turns rendered with the chat template (generation prompt added), as token ids."""
+def load_prompts(cfg: SpeculateConfig, tok: Any) -> tuple[list[list[int]], list[str]]:
+    """Prompt turns rendered with the chat template (generation prompt added), as token ids; and row ids."""
     from selfdistill.data import load_examples
 
-    examples = load_examples(cfg.prompts, cfg.recipe, limit=cfg.limit, offset=cfg.offset)
+    examples = load_examples(cfg.prompts, cfg.recipe, limit=cfg.limit, offset=cfg.offset, split=cfg.split,
+                             subset=cfg.subset)
     prompts = []
     for ex in examples:
         if ex.kind == "text" or not getattr(tok, "chat_template", None):
@@ -69,15 +72,7 @@ def load_prompts(cfg: SpeculateConfig, tok: Any) -> list[list[int]]:
         if len(ids) == 0:
             raise UserError(f"{ex.source}: the prompt renders to no tokens")
         prompts.append(list(ids))
-    return prompts
-
-
-def eos_ids(tok: Any, model: Any) -> set[int]:
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    ids |= set(extra) if isinstance(extra, list) else ({extra} if extra is not None else set())
-    return ids
+    return prompts, [ex.id for ex in examples]
 
 
 def _greedy_config(cfg: SpeculateConfig, eos: set[int], pad: int, **extra: Any) -> Any:
@@ -143,6 +138,7 @@ def _run_draft(name: str, target: Any, prompts: list[list[int]], reference: list
     mismatches = [i for i, (a, b) in enumerate(zip(outputs, reference)) if a != b]
     row: dict[str, Any] = {"draft": name, "layers": draft.config.num_hidden_layers, **total.summary(),
                            "lossless": not mismatches, "mismatched_prompts": mismatches,
+                           "mismatch_count": len(mismatches),
                            "time_target_alone_s": t_alone, "time_ours_s": t_loop, "speedup_ours": t_alone / t_loop}
     if cfg.hf_assisted:
         hf_out, t_hf = _timed(lambda p: _hf_generate(target, p, cfg, eos, pad, assistant=draft), prompts,
@@ -150,7 +146,10 @@ def _run_draft(name: str, target: Any, prompts: list[list[int]], reference: list
         row.update(time_hf_assisted_s=t_hf, speedup_hf_assisted=t_alone / t_hf,
                    hf_assisted_matches_target=sum(a == b for a, b in zip(hf_out, reference)))
     if mismatches:
-        log.error("draft %s: our output differs from the target's greedy output on prompts %s", name, mismatches)
+        # In 16-bit a verify pass over k+1 tokens can round a near-tie differently from one-token decoding, so
+        # there it is a statistic (counted in the output); in fp32 speculate() treats it as the bug it is.
+        log.warning("draft %s: output differs from the target's greedy output on prompts %s (%s)", name,
+                    mismatches, cfg.dtype)
     return row
 
 
@@ -160,19 +159,20 @@ def speculate(cfg: SpeculateConfig) -> dict[str, Any]:
 
     cfg_device = resolve_device(cfg.device)
     target, tok = load_model(cfg.target, dtype=cfg.dtype, device=cfg_device)
-    prompts = load_prompts(cfg, tok)
-    eos, pad = eos_ids(tok, target), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompts, rows = load_prompts(cfg, tok)
+    eos, pad = set(stop_token_ids(tok, target)), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     _hf_generate(target, prompts[0][:8], replace(cfg, max_new_tokens=2), eos, pad)  # warm-up, not timed
     reference, t_alone = _timed(lambda p: _hf_generate(target, p, cfg, eos, pad), prompts, "target alone")
-    rows = [_run_draft(name, target, prompts, reference, t_alone, cfg, eos, pad, tok) for name in cfg.draft]
+    drafts = [_run_draft(name, target, prompts, reference, t_alone, cfg, eos, pad, tok) for name in cfg.draft]
     result = {"target": cfg.target, "k": cfg.k, "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
+              "prompts_source": cfg.prompts, "split": cfg.split, "offset": cfg.offset, "rows": rows,
               "dtype": cfg.dtype, "device": cfg_device, "target_tokens": sum(map(len, reference)),
-              "time_target_alone_s": t_alone, "drafts": rows}
+              "time_target_alone_s": t_alone, "drafts": drafts}
     if cfg.out is not None:
         atomic_write_json(cfg.out, result)
         atomic_write_text(Path(cfg.out).with_suffix(".md"), table(result))
-    bad = [r["draft"] for r in rows if not r["lossless"]]
-    if bad:
+    bad = [r["draft"] for r in result["drafts"] if not r["lossless"]]
+    if bad and cfg.dtype == "float32":  # exact arithmetic: a differing output is a bug in the loop
         raise UserError(f"speculative output differs from the target's greedy output for draft(s) {', '.join(bad)}"
                         + (f" (details in {cfg.out})" if cfg.out else ""))
     return result

@@ -1,0 +1,75 @@
+"""Report sections for what is measured beside accuracy: pruning's held-out check and drift with intervals.
+
+Kept apart from report.py (which lays out the page) so each stays small; both read only stage outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", path, alt)
+
+
+def fmt(x: Any, digits: int = 1, scale: float = 1.0) -> str:
+    """A number for a table cell; '–' for a missing or non-finite one."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x * scale:.{digits}f}"
+
+
+def interval(ci: list[float] | None, digits: int = 3, scale: float = 1.0) -> str:
+    return f"{fmt(ci[0], digits, scale)} … {fmt(ci[1], digits, scale)}" if ci else "–"
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def pruning_check_blocks(run: Path) -> list[Block]:
+    """The best candidate blocks' held-out loss increase, and the warning when the choice looks costly."""
+    check = (_read(run / "pruned" / "pruning.json") or {}).get("heldout_check")
+    if not check:
+        return []
+    rows = [[c["layers"] + (" (removed)" if c["chosen"] else ""), fmt(c["score"], 4),
+             fmt(c["heldout_loss_increase"], 3)] for c in check["candidates"]]
+    blocks: list[Block] = [("p", (f"The best-scored blocks, checked on {check['rows']} held-out calibration rows "
+                                  f"({check['tokens']} tokens, parent loss {check['base_loss']:.3f} nats): next-token "
+                                  "loss increase when the block is skipped.")),
+                           ("table", ["block", "score", "held-out loss increase (nats)"], rows)]
+    if check.get("warning"):
+        blocks.append(("p", f"**Warning:** {check['warning']}."))
+    return blocks
+
+
+def first_drift_set(run: Path) -> dict[str, Any]:
+    """The children's drift on the first (training-domain, held-out) prompt set, by child label."""
+    sets = (_read(run / "drift" / "result.json") or {}).get("sets") or {}
+    return next(iter(sets.values()), {}).get("children", {})
+
+
+def drift_blocks(run: Path) -> list[Block]:
+    """Per prompt set: KL and agreement per child with intervals, then the paired differences."""
+    drift = _read(run / "drift" / "result.json") or {}
+    blocks: list[Block] = []
+    for name, s in (drift.get("sets") or {}).items():
+        rows = [[label, fmt(c["kl"], 3), interval(c.get("kl_ci95")), fmt(c["agreement"], 1, 100),
+                 interval(c.get("agreement_ci95"), 1, 100), c["prompts"], c["tokens"]]
+                for label, c in s["children"].items()]
+        blocks += [("p", f"**{name}**: {len(s['rows'])} rows of {Path(s['source']).name} "
+                         f"(split {s['split']}, from row {s['offset']}), none of them trained on."),
+                   ("table", ["child", "KL to parent", "95 % interval", "top-1 agreement %", "95 % interval",
+                              "prompts", "tokens"], rows)]
+        pairs = [[p["a"], p["b"], fmt(p["kl_diff"], 3), interval(p.get("kl_diff_ci95")),
+                  fmt(p["agreement_diff"], 1, 100), interval(p.get("agreement_diff_ci95"), 1, 100)]
+                 for p in s.get("paired", [])]
+        if pairs:
+            blocks.append(("table", ["a", "b", "KL a − b", "95 % interval", "agreement a − b (points)",
+                                     "95 % interval"], pairs))
+    if not blocks:
+        return []
+    return [("h2", "Drift from the parent"), ("p", (
+        "KL(parent ‖ child) and top-1 agreement per answer token, teacher-forcing the parent's greedy answers; "
+        "bootstrap 95 % intervals over prompts, paired on the same draws for differences."))] + blocks
