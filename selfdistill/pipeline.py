@@ -218,7 +218,12 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         pair = cfg.datasets[:2]
         per_data = [_finetune(s, cfg, "sdd", distilled[d.name], (f"distill-{d.name}",), suffix=f"-{d.name}")
                     for d in pair]
-        s.run("merged", "merge", stage_config(cfg, "merge", models=per_data, out=root / "merged"), merge,
+        # A t grid is scored off the reported items: the merge gets the evaluation's preset, tasks, limit, seed.
+        reported = stage_config(cfg, "evaluate", **evaluation, model=["-"], out="-")
+        s.run("merged", "merge", stage_config(
+            cfg, "merge", models=per_data, out=root / "merged", eval_preset=reported.preset,
+            eval_tasks=list(reported.tasks), eval_limit=reported.limit, eval_seed=reported.seed,
+            eval_data_dir=reported.data_dir), merge,
               after=tuple(f"sdd-{d.name}" for d in pair))
         children["merged"] = str(root / "merged")
     child_stages = tuple(Path(p).name for p in children.values())

@@ -207,3 +207,17 @@ def test_two_processes_shard_the_requests_and_match_one_process(tmp_path, tiny_m
         result = json.loads(next((tmp_path / run / "results").glob("*.json")).read_text())
         return [(s["doc_id"], s["resps"]) for s in result["samples"]["sd_arc_easy"]]
     assert len(samples("two")) == 6 and samples("two") == samples("one")
+
+
+def test_selection_items_lie_outside_the_reported_subset(tmp_path, tiny_model_dir, data_dir):
+    """What chooses a setting (merge t) never sees the items the evaluation reports."""
+    base = {"model": [str(tiny_model_dir)], "preset": "cpu", "tasks": ["arc_easy"], "limit": 6, "seed": 3,
+            "data_dir": str(data_dir), "batch_size": 8, "dtype": "float32", "bootstrap_iters": 0}
+
+    def docs(out: str, **extra) -> set[int]:
+        evaluate(EvalConfig(out=str(tmp_path / out), **base, **extra))
+        res = json.loads((tmp_path / out / "results" / "llama6.json").read_text())
+        return {s["doc_id"] for s in res["samples"]["sd_arc_easy"]}
+
+    reported, selected = docs("reported"), docs("selection", selection=5)
+    assert len(reported) == 6 and len(selected) == 5 and not reported & selected

@@ -159,32 +159,20 @@ def test_cli_merge_error_exit_code(pair, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_default_scorer_calls_evaluate_lazily(monkeypatch, tmp_path):
-    import sys
-    import types
-    from dataclasses import dataclass, field
-
+def test_default_scorer_scores_outside_the_reported_items(monkeypatch, pair, tmp_path):
+    """The t grid is scored on selection items: the reported evaluation's limit and seed are passed to exclude."""
+    import selfdistill.evaluate as evaluate_stage
     from selfdistill.merge import default_scorer
 
     calls = []
-
-    @dataclass(frozen=True)
-    class EvalConfig:  # the evaluate stage's fields that merge relies on
-        model: list = field(default_factory=list)
-        preset: str = "cpu"
-        limit: int | None = None
-        out: str = ""
-        bootstrap_iters: int = 2000
 
     def evaluate(cfg):
         calls.append(cfg)
         return {"out": cfg.out, "average": {cfg.model[0]: 0.42}}
 
-    fake = types.ModuleType("selfdistill.evaluate")
-    fake.EvalConfig, fake.evaluate = EvalConfig, evaluate
-    monkeypatch.setitem(sys.modules, "selfdistill.evaluate", fake)
-    assert default_scorer("cpu", limit=5)(tmp_path) == 0.42
-    assert calls[0].model == [str(tmp_path)] and calls[0].limit == 5 and calls[0].bootstrap_iters == 0
-    monkeypatch.setitem(sys.modules, "selfdistill.evaluate", None)  # the stage is absent
-    with pytest.raises(UserError, match="needs the evaluate stage"):
-        default_scorer("cpu")(tmp_path)
+    monkeypatch.setattr(evaluate_stage, "evaluate", evaluate)
+    cfg = MergeConfig(models=[str(p) for p in pair], t_grid=[0.5], eval_tasks=["arc_easy"], eval_limit=5,
+                      eval_seed=7, eval_selection=3)
+    assert default_scorer(cfg)(tmp_path) == 0.42
+    got = calls[0]
+    assert (got.limit, got.seed, got.selection, got.tasks, got.cache) == (5, 7, 3, ["arc_easy"], False)

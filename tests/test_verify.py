@@ -89,3 +89,11 @@ def test_unknown_verifier_is_a_config_error():
 
     with pytest.raises(UserError, match="unknown verifier 'exact'"):
         from_dict(DistillConfig, {"dataset": "x.jsonl", "verifiers": ["blacklist", "exact"]})
+
+
+def test_latex_answers_are_compared_by_math_verify():
+    from selfdistill.distill.verify import final_answer, same_answer
+
+    assert same_answer(final_answer("so the result is \\boxed{\\frac{2}{4}}"), "\\frac{1}{2}")
+    assert same_answer("\\frac{1}{2}", "0.5")
+    assert not same_answer("\\sqrt{2}", "2")

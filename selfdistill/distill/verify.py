@@ -2,7 +2,9 @@
 
 SDFT's rule (Yang et al., arXiv 2402.13669): reject rewrites that talk about the prompt ("reference
 answer", "your response", ...), and for math keep only rewrites whose final answer equals the
-reference's; math answers are parsed and compared with `math-verify`. Each verifier returns None
+reference's. The final answer is read as '#### n' (GSM8K), else the last \boxed{...}, else 'the answer
+is n', else the last number; two plain numbers are compared numerically (GSM8K's case: 1,000 == 1000.0),
+anything else (LaTeX such as \frac{1}{2}, sets, expressions) with `math-verify`. Each verifier returns None
 (pass) or a reason "<verifier>/<kind>: detail"; stats group rejections by the part before ':'.
 """
 

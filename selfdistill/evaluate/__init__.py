@@ -33,6 +33,8 @@ class EvalConfig:
     preset: Literal["openllm-v1", "openllm-v1-local", "cpu"] = opt("cpu", "task suite (docs/evaluate.md)")
     tasks: list[str] = opt([], "only these tasks of the preset (short names, e.g. arc_easy gsm8k)")
     limit: int | None = opt(None, "items per task (seeded subset for local presets; first N for openllm-v1)")
+    selection: int | None = opt(None, "score N items per task drawn from OUTSIDE the reported subset that limit / "
+                                      "the preset picks: for choosing settings (merge t) off the reported items")
     data_dir: str = opt("", "offline data (default: $SELFDISTILL_DATA_DIR, else ../shared/data)")
     batch_size: int = opt(16, "lm-eval batch size")
     dtype: str = opt("auto", "float32 | bfloat16 | float16 | auto (bf16 on CPUs with avx512_bf16)")
@@ -50,6 +52,8 @@ class EvalConfig:
             raise ValueError("give at least one --model (and usually --baseline)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.selection is not None and self.selection < 1:
+            raise ValueError(f"--selection must be >= 1, got {self.selection}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
 
@@ -79,6 +83,7 @@ def _settings(cfg: EvalConfig, specs: dict[str, TaskSpec], dtype: str) -> dict[s
     from selfdistill.rundir import hash_path
 
     return {"harness": f"lm_eval {version('lm_eval')}", "preset": cfg.preset, "limit": cfg.limit,
+            "selection": cfg.selection,
             "seed": cfg.seed, "batch_size": cfg.batch_size, "dtype": dtype,
             "apply_chat_template": cfg.apply_chat_template, "max_gen_toks": cfg.max_gen_toks or 256,
             "backend": cfg.backend, "task_files_sha256": hash_path(TASKS_DIR),
@@ -103,7 +108,8 @@ def _evaluate_one(name: str, path: str, cfg: EvalConfig, settings: dict[str, Any
                  batch_size=cfg.batch_size, max_length=None)
     t0 = time.time()
     if tasks["objs"] is None:  # built on first use, so a fully cached call never builds them
-        tasks["objs"], tasks["samples"] = load_tasks(tasks["specs"], tasks["tm"], limit=cfg.limit, seed=cfg.seed)
+        tasks["objs"], tasks["samples"] = load_tasks(tasks["specs"], tasks["tm"], limit=cfg.limit, seed=cfg.seed,
+                                                     selection=cfg.selection)
     res = run_tasks(lm, tasks["objs"], tasks["samples"], tasks["tm"], limit=cfg.limit, seed=cfg.seed,
                     apply_chat_template=cfg.apply_chat_template, max_gen_toks=cfg.max_gen_toks or None)
     if res is None:  # a non-zero rank under accelerate launch
@@ -206,7 +212,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     first = next(iter(raw.values()))
     scores["settings"] = settings | {
         "task_versions": first.get("versions", {}), "n_shot": first.get("n-shot", {}),
-        "subset": f"seeded subsets (seed {cfg.seed})" if cfg.limit or cfg.preset == "cpu" else "full splits",
+        "subset": (f"{cfg.selection} selection items per task outside the reported subset (seed {cfg.seed})"
+                   if cfg.selection else f"seeded subsets (seed {cfg.seed})" if cfg.limit or cfg.preset == "cpu"
+                   else "full splits"),
         "data_dir": str(data_dir) if data_dir else None,
         "wall_time_s": {n: r["selfdistill"]["wall_time_s"] for n, r in raw.items()}}
     atomic_write_json(out / "scores.json", _finite(scores))

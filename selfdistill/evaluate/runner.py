@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,21 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
     return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length, device=device)
 
 
-def load_tasks(specs: dict[str, TaskSpec], tm: Any, *, limit: int | None,
-               seed: int) -> tuple[list[Any], dict[str, list[int]] | None]:
+def _selection(name: str, n_docs: int, reported: list[int] | None, size: int, seed: int) -> list[int]:
+    """`size` seeded documents outside the reported subset (None: every document is reported)."""
+    taken = set(range(n_docs) if reported is None else reported)
+    rest = [i for i in range(n_docs) if i not in taken]
+    if not rest:
+        raise UserError(f"--selection: task {name} reports all its {n_docs} items; lower --limit to leave some")
+    return sorted(random.Random(seed + 1).sample(rest, min(size, len(rest))))
+
+
+def load_tasks(specs: dict[str, TaskSpec], tm: Any, *, limit: int | None, seed: int,
+               selection: int | None = None) -> tuple[list[Any], dict[str, list[int]] | None]:
     """lm-eval Task/Group objects with their own shots, and the fixed document subsets (local presets).
 
+    With `selection`, the documents are instead drawn from outside the subset that would be reported, so a
+    setting chosen on them is not chosen on the items it is then reported on.
     Loaded once per call and reused for every model (building MMLU/HellaSwag takes seconds)."""
     objs: list[Any] = []
     samples: dict[str, list[int]] = {}
@@ -72,8 +84,13 @@ def load_tasks(specs: dict[str, TaskSpec], tm: Any, *, limit: int | None,
         loaded = tm.load([spec.task])
         for name, task in loaded["tasks"].items():  # a group (hub mmlu) sets the shots of all its leaves
             task.set_config(key="num_fewshot", value=spec.shots)
-            if local and (idx := subset(len(task.eval_docs), limit if limit is not None else spec.size, seed)):
-                samples[name] = idx
+            n_docs = len(task.eval_docs)
+            reported = (subset(n_docs, limit if limit is not None else spec.size, seed) if local
+                        else list(range(min(limit, n_docs))) if limit else None)
+            if selection:
+                samples[name] = _selection(name, n_docs, reported, selection, seed)
+            elif local and reported:
+                samples[name] = reported
         objs.append(loaded["groups"].get(spec.task) or loaded["tasks"][spec.task])
     return objs, samples or None
 

@@ -1,7 +1,9 @@
 """`merge` stage: SLERP or linear merge of two same-shape children, optionally picking t on a grid.
 
 Paper: arXiv 2410.09982 §5 merges children distilled on different data with SLERP. Beyond the paper,
-`t_grid` merges at several t, scores each with the evaluate stage and keeps the best.
+`t_grid` merges at several t, scores each with the evaluate stage and keeps the best. The t grid is
+scored on selection items drawn from outside the subset the evaluation reports (same preset, tasks, limit
+and seed), so t is never chosen on the items it is then reported on.
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ class MergeConfig:
     t_groups: list[str] = opt([], "per-tensor-group t as NAME_SUBSTRING=T, first match wins (e.g. self_attn=0.3 mlp=0.7)")
     t_grid: list[float] = opt([], "merge at each t, evaluate, keep the best (e.g. 0.25,0.5,0.75); overrides t")
     eval_preset: str = opt("cpu", "evaluate preset used to score the t grid (its mean score is maximised)")
-    eval_limit: int | None = opt(None, "items per task when scoring the t grid (evaluate's --limit)")
+    eval_tasks: list[str] = opt([], "tasks of the preset scoring the t grid (default: all)")
+    eval_limit: int | None = opt(None, "the reported evaluation's --limit: its items are kept out of the t choice")
+    eval_seed: int = opt(1234, "the reported evaluation's seed")
+    eval_selection: int = opt(100, "items per task, outside the reported ones, that score each t")
+    eval_data_dir: str = opt("", "offline data for the t-grid evaluation (evaluate's --data-dir)")
     dtype: str = opt("float32", "dtype to load, merge and save in: float32 or bfloat16")
     out: Path = opt(Path("merged"), "output model folder")
 
@@ -146,20 +152,16 @@ def _write_merged(a: Any, b: Any, tok: Any, cfg: MergeConfig, t: float, folder: 
     write_model(child, tok, folder, card)
 
 
-def default_scorer(preset: str, limit: int | None = None) -> Scorer:
-    """Score a model folder with the evaluate stage (imported lazily: it is optional for plain merges)."""
+def default_scorer(cfg: MergeConfig) -> Scorer:
+    """Score a model folder with the evaluate stage on selection items (outside the reported subset)."""
+    from selfdistill.evaluate import EvalConfig, evaluate  # lazily: plain merges need no lm-eval
 
     def score(model_dir: Path) -> float:
-        try:
-            from selfdistill.evaluate import EvalConfig, evaluate
-        except ImportError as e:
-            raise UserError(f"merge --t-grid needs the evaluate stage, which cannot be imported ({e})") from None
         with tempfile.TemporaryDirectory(prefix="merge-eval-") as tmp:
-            try:
-                result = evaluate(EvalConfig(model=[str(model_dir)], preset=preset, limit=limit, out=tmp,
-                                             bootstrap_iters=0))
-            except TypeError as e:
-                raise UserError(f"merge --t-grid: the evaluate stage rejected our call ({e})") from None
+            result = evaluate(EvalConfig(model=[str(model_dir)], preset=cfg.eval_preset, tasks=list(cfg.eval_tasks),
+                                         limit=cfg.eval_limit, seed=cfg.eval_seed, selection=cfg.eval_selection,
+                                         data_dir=cfg.eval_data_dir,
+                                         out=tmp, bootstrap_iters=0, cache=False))
         return _mean_score(result, str(model_dir))
 
     return score
@@ -184,8 +186,11 @@ def merge(cfg: MergeConfig, scorer: Scorer | None = None) -> dict[str, Any]:
     inputs = {f"model_{i}": m for i, m in enumerate(cfg.models) if Path(m).exists()}
     with atomic_dir(cfg.out) as tmp:
         if cfg.t_grid:
-            best_t, scores = _grid(a, b, tok, cfg, tmp, scorer or default_scorer(cfg.eval_preset, cfg.eval_limit))
-            atomic_write_json(tmp / "grid.json", {"scores": scores, "best_t": best_t, "preset": cfg.eval_preset})
+            best_t, scores = _grid(a, b, tok, cfg, tmp, scorer or default_scorer(cfg))
+            atomic_write_json(tmp / "grid.json", {
+                "scores": scores, "best_t": best_t, "preset": cfg.eval_preset, "tasks": list(cfg.eval_tasks),
+                "items": f"{cfg.eval_selection} per task drawn (seed {cfg.eval_seed} + 1) from outside the reported "
+                         f"subset (limit {cfg.eval_limit}, seed {cfg.eval_seed})"})
         else:
             best_t, scores = cfg.t, {}
             _write_merged(a, b, tok, cfg, cfg.t, tmp)
