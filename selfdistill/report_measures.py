@@ -30,11 +30,17 @@ def _read(path: Path) -> Any:
 
 def pruning_check_blocks(run: Path) -> list[Block]:
     """The best candidate blocks' held-out loss increase, and the warning when the choice looks costly."""
-    check = (_read(run / "pruned" / "pruning.json") or {}).get("heldout_check")
+    pruning = _read(run / "pruned" / "pruning.json") or {}
+    check = pruning.get("heldout_check")
     if not check:
         return []
-    rows = [[c["layers"] + (" (removed)" if c["chosen"] else ""), fmt(c["score"], 4),
-             fmt(c["heldout_loss_increase"], 3)] for c in check["candidates"]]
+
+    def label(c: dict[str, Any]) -> str:
+        notes = [n for n, on in (("removed", c["start"] == pruning["removed_layers"][0]),
+                                 ("scorer's choice", c["chosen"])) if on]
+        return c["layers"] + (f" ({', '.join(notes)})" if notes else "")
+
+    rows = [[label(c), fmt(c["score"], 4), fmt(c["heldout_loss_increase"], 3)] for c in check["candidates"]]
     blocks: list[Block] = [("p", (f"The best-scored blocks, checked on {check['rows']} held-out calibration rows "
                                   f"({check['tokens']} tokens, parent loss {check['base_loss']:.3f} nats): next-token "
                                   "loss increase when the block is skipped.")),

@@ -11,7 +11,9 @@ import torch
 from tiny import ARCHS, make_model, make_tokenizer
 
 from selfdistill.cli import main
+from selfdistill.config import from_dict
 from selfdistill.data import Example
+from selfdistill.errors import UserError
 from selfdistill.models import decoder_layers
 from selfdistill.prune import PruneConfig, calibration_data, prune
 from selfdistill.prune.calibration import build
@@ -250,3 +252,15 @@ def test_real_model_prune_six_of_thirty(tmp_path, gsm8k_train, real_model_dir):
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     print(f"next-token loss on 4 held-out GSM8K rows: parent {losses['parent']:.3f}, child {losses['child']:.3f}")
     assert losses["child"] > losses["parent"]
+
+
+def test_select_by_heldout_loss_removes_the_cheapest_candidate(tmp_path, tiny_model_dir):
+    out = tmp_path / "c"
+    result = prune(PruneConfig(model=str(tiny_model_dir), num_layers=2, calibration=str(_texts_file(tmp_path, n=10)),
+                               calibration_samples=6, heldout_samples=4, candidates=3, select_by="heldout_loss",
+                               max_length=32, out=str(out)))
+    check = json.loads((out / "pruning.json").read_text())["heldout_check"]
+    cheapest = min(check["candidates"], key=lambda c: c["heldout_loss_increase"])
+    assert result["removed_layers"] == [cheapest["start"], cheapest["start"] + 1]
+    with pytest.raises(UserError, match="select_by"):
+        from_dict(PruneConfig, {"select_by": "magic"})

@@ -44,6 +44,8 @@ class PruneConfig:
     batch_size: int = opt(8, "calibration batch size")
     heldout_samples: int = opt(32, "rows after the calibration sample on which the best blocks' loss is checked")
     candidates: int = opt(3, "how many of the best-scored blocks to check on the held-out rows (0: no check)")
+    select_by: str = opt("score", "score: remove the scorer's block (the paper); heldout_loss: the checked "
+                                  "candidate that raises held-out loss least")
     dtype: str = opt("float32", "dtype for scoring and for the saved child")
     device: str = opt("auto", "cpu, cuda, or auto")
     split: str = opt("train", "split, for hub datasets")
@@ -61,6 +63,10 @@ class PruneConfig:
             raise ValueError("calibration_samples, max_length and batch_size must be positive")
         if self.heldout_samples < 0 or self.candidates < 0:
             raise ValueError("heldout_samples and candidates must be >= 0")
+        if self.select_by not in ("score", "heldout_loss"):
+            raise ValueError(f"select_by must be 'score' or 'heldout_loss', not '{self.select_by}'")
+        if self.select_by == "heldout_loss" and not (self.heldout_samples and self.candidates):
+            raise ValueError("select_by heldout_loss needs heldout_samples and candidates above 0")
 
 
 def calibration_data(cfg: PruneConfig, tokenizer: Any, device: str) -> calibration.Calibration:
@@ -108,6 +114,8 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
         scores = SCORERS[cfg.scorer](model, data.batches, n)
     removed = explicit if explicit is not None else scores.removed
     check = check_candidates(model, scores, removed, data.heldout, cfg.candidates) if data else None
+    if explicit is None and cfg.select_by == "heldout_loss" and check:
+        removed = list(range(check["best_start"], check["best_start"] + n))
     before = count_parameters(model)
     remove_layers(model, removed)
     model.config.pruned_from = str(cfg.model)
@@ -139,7 +147,8 @@ def _report(cfg: PruneConfig, total: int, n: int, removed: list[int], scores: La
     report: dict[str, Any] = {
         "model": str(cfg.model), "scorer": cfg.scorer if scores else None, "n": n,
         "layers_before": total, "layers_after": total - n, "removed_layers": removed,
-        "removed_range": format_range(removed), "chosen_by": "scorer" if cfg.layers is None else "user",
+        "removed_range": format_range(removed),
+        "chosen_by": "user" if cfg.layers else "heldout_loss" if cfg.select_by == "heldout_loss" else "scorer",
         "parameters": {"before": before["total"], "after": after["total"],
                        "embedding": before["embedding"], "removed": before["total"] - after["total"]},
         "flops_per_token": {"counted_as": "2 x parameters, embeddings included (the paper's count)",

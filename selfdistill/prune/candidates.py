@@ -49,10 +49,11 @@ def check_candidates(model: Any, scores: LayerScores | None, removed: list[int],
     warning = None
     if not best["chosen"] and gap > CLEAR_NATS and chosen["heldout_loss_increase"] > CLEAR_RATIO * max(
             best["heldout_loss_increase"], 1e-9):
-        warning = (f"the chosen block {chosen['layers']} raises held-out loss by {chosen['heldout_loss_increase']:.3f} "
-                   f"nats, block {best['layers']} by only {best['heldout_loss_increase']:.3f}: consider --layers "
-                   f"{best['start']}:{best['start'] + n}")
+        span = lambda c: f"{c['start']}:{c['start'] + n}"  # noqa: E731 - the --layers spelling
+        warning = (f"the chosen block {span(chosen)} raises held-out loss by {chosen['heldout_loss_increase']:.3f} "
+                   f"nats, block {span(best)} by only {best['heldout_loss_increase']:.3f}: consider --layers "
+                   f"{span(best)} or --select-by heldout_loss")
         log.warning("pruning: %s", warning)
     rows = sum(int(b["input_ids"].shape[0]) for b in heldout)
     return {"rows": rows, "tokens": sum(int(b["attention_mask"].sum()) for b in heldout), "base_loss": base,
-            "candidates": candidates, "warning": warning}
+            "candidates": candidates, "best_start": best["start"], "warning": warning}
