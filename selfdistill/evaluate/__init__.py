@@ -116,14 +116,17 @@ def _evaluate_one(name: str, path: str, cfg: EvalConfig, settings: dict[str, Any
 
 
 def _task_samples(res: dict[str, Any], task: str) -> list[dict[str, Any]]:
-    """Logged samples of a task, or of all leaves of a group (hub mmlu), doc ids made unique per leaf."""
+    """Logged samples of a task, or of all leaves of a group (mmlu: groups of subjects), each doc id
+    prefixed with its leaf ("<leaf>/<doc_id>"): every leaf numbers its documents from 0."""
     samples = res.get("samples", {})
     if task in samples:
         return samples[task]
     out = []
-    for leaf in res.get("group_subtasks", {}).get(task, []):
-        for s in _task_samples(res, leaf):
-            out.append(s | {"doc_id": f"{leaf}/{s['doc_id']}"})
+    for child in res.get("group_subtasks", {}).get(task, []):
+        if child in samples:
+            out.extend(s | {"doc_id": f"{child}/{s['doc_id']}"} for s in samples[child])
+        else:  # a sub-group: its leaves are already prefixed
+            out.extend(_task_samples(res, child))
     return out
 
 

@@ -70,12 +70,45 @@ def load_tasks(specs: dict[str, TaskSpec], tm: Any, *, limit: int | None,
     local = all(s.local for s in specs.values())
     for spec in specs.values():
         loaded = tm.load([spec.task])
-        for name, task in loaded["tasks"].items():  # a group (hub mmlu) sets the shots of all its leaves
+        for task in loaded["tasks"].values():  # a group (mmlu) sets the shots of all its leaves
             task.set_config(key="num_fewshot", value=spec.shots)
-            if local and (idx := subset(len(task.eval_docs), limit if limit is not None else spec.size, seed)):
-                samples[name] = idx
-        objs.append(loaded["groups"].get(spec.task) or loaded["tasks"][spec.task])
+        group = loaded["groups"].get(spec.task)
+        if local:
+            drawn = _group_subset(loaded["tasks"], limit if limit is not None else spec.size, seed)
+            samples.update(drawn)
+            if group is not None and drawn:
+                _drop_undrawn(group, set(drawn))
+        objs.append(group or loaded["tasks"][spec.task])
     return objs, samples or None
+
+
+def _group_subset(leaves: dict[str, Any], size: int | None, seed: int) -> dict[str, list[int]]:
+    """A seeded subset of `size` documents drawn over all leaves of a task or group, as indices per leaf.
+
+    A group's documents are pooled so `size` counts the group's items, like a single task's, and each
+    subject is represented in proportion to its size, as in the size-weighted group score. A single task
+    draws exactly what it drew before groups existed (pool index == document index)."""
+    pool = [(name, i) for name, task in leaves.items() for i in range(len(task.eval_docs))]
+    picked = subset(len(pool), size, seed)
+    if picked is None:
+        return {}
+    out: dict[str, list[int]] = {}
+    for k in picked:
+        name, i = pool[k]
+        out.setdefault(name, []).append(i)
+    return out
+
+
+def _drop_undrawn(group: Any, keep: set[str]) -> bool:
+    """Remove the leaves without drawn documents (lm-eval would run all of a leaf given none) and the
+    sub-groups left empty; True when `group` itself is left empty."""
+    from lm_eval.api.group import Group
+
+    for child in list(group):
+        name = child.name if isinstance(child, Group) else child.task_name
+        if (_drop_undrawn(child, keep) if isinstance(child, Group) else name not in keep):
+            group.pop(name)
+    return len(group) == 0
 
 
 def run_tasks(lm: Any, objs: list[Any], samples: dict[str, list[int]] | None, tm: Any, *, limit: int | None,
