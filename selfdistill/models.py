@@ -248,3 +248,16 @@ def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> str:
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if _cpu_has_bf16() else "float32"
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for the model's forward: transformers 5.24 renamed `past_key_values` to `cache`
+    (the old name is deprecated until 5.40), and 5.17 (still installed on many GPU machines) knows only
+    the old one, where `cache=` would be swallowed by **kwargs and the cache silently left empty."""
+    import inspect
+
+    forward = type(model).forward
+    if not hasattr(forward, "_selfdistill_cache_name"):
+        params = inspect.signature(forward).parameters
+        forward._selfdistill_cache_name = "cache" if "cache" in params else "past_key_values"
+    return {forward._selfdistill_cache_name: cache}
