@@ -252,3 +252,23 @@ def test_two_processes_shard_the_requests_and_match_one_process(tmp_path, tiny_m
         result = json.loads(next((tmp_path / run / "results").glob("*.json")).read_text())
         return [(s["doc_id"], s["resps"]) for s in result["samples"]["sd_arc_easy"]]
     assert len(samples("two")) == 6 and samples("two") == samples("one")
+
+
+def test_vllm_under_a_launch_runs_once_on_every_gpu(monkeypatch, tmp_path):
+    """lm-eval's vLLM backend does not shard by rank: rank 0 gets WORLD_SIZE / tp replicas, the others step aside."""
+    import types
+
+    from selfdistill.evaluate.runner import make_lm
+
+    built = {}
+    fake = types.ModuleType("lm_eval.models.vllm_causallms")
+    fake.VLLM = lambda **kwargs: built.update(kwargs)
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", fake)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    make_lm("m", "/m", backend="vllm", dtype="bfloat16", device="cuda", batch_size=8, max_length=None,
+            tensor_parallel_size=2)
+    assert built["tensor_parallel_size"] == 2 and built["data_parallel_size"] == 2
+    monkeypatch.setenv("RANK", "3")
+    assert evaluate(EvalConfig(model=["/nonexistent"], backend="vllm", out=str(tmp_path / "ev"))) == {"rank": 3}
+    assert not (tmp_path / "ev").exists()

@@ -29,15 +29,31 @@ def task_manager(specs: dict[str, TaskSpec], data_dir: Path | None) -> Any:
                        metadata={"data_dir": str(data_dir) if data_dir else ""})
 
 
+def vllm_parallel(tensor_parallel_size: int) -> dict[str, int]:
+    """lm-eval vLLM sizes for this launch: one process drives every GPU of the launch (WORLD_SIZE of them),
+    as WORLD_SIZE / tp replicas through lm-eval's own (Ray) data parallelism; see `vllm_steps_aside`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tensor_parallel_size < 1 or world % tensor_parallel_size:
+        raise UserError(f"--tensor-parallel-size {tensor_parallel_size} must divide the process count {world}")
+    return {"tensor_parallel_size": tensor_parallel_size, "data_parallel_size": world // tensor_parallel_size}
+
+
+def vllm_steps_aside() -> bool:
+    """True on the ranks other than 0 of a launch: lm-eval's vLLM backend does not shard by rank (each rank
+    would evaluate everything), so rank 0 evaluates on all the launch's GPUs and the others wait."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
 def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batch_size: int,
-            max_length: int | None) -> Any:
+            max_length: int | None, tensor_parallel_size: int = 1) -> Any:
     """An lm-eval LM: HFLM wrapping our loaded model, or lm-eval's vLLM backend."""
     if backend == "vllm":
         try:
             from lm_eval.models.vllm_causallms import VLLM
         except ImportError as e:
             raise UserError(f"--backend vllm: vLLM is not installed ({e}); pip install 'selfdistill[vllm]'") from e
-        return VLLM(pretrained=path, dtype=dtype, batch_size=batch_size, max_length=max_length)
+        return VLLM(pretrained=path, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                    **vllm_parallel(tensor_parallel_size))
     from lm_eval.models.huggingface import HFLM
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
