@@ -219,7 +219,7 @@ def run_all(c: Check, args: argparse.Namespace) -> None:
     c.paths["data"] = str(write_rows(c.out / "data" / "gsm8k.jsonl", c.lim["rows"]))
     c.stage("build", lambda: c.paths.update(parent=str(build_parent(args.shape, tok, c.out / "parent", c.dtype,
                                                                        c.device))))
-    c.stage("prune", lambda: prune_stage(c), needs=("matplotlib",), after=("parent",))
+    c.stage("prune", lambda: prune_stage(c), after=("parent",))
     for kind in ("greedy", "sampled"):
         c.stage(f"distill-{kind}", lambda k=kind: distill_stage(c, k), after=("parent",))
     c.stage("plain-generate", lambda: plain_generate_stage(c), after=("parent",))

@@ -210,3 +210,17 @@ def test_real_model_prune_six_of_thirty(tmp_path, gsm8k_train, real_model_dir):
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     print(f"next-token loss on 4 held-out GSM8K rows: parent {losses['parent']:.3f}, child {losses['child']:.3f}")
     assert losses["child"] > losses["parent"]
+
+
+def test_prune_without_matplotlib_still_writes_the_child(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """A bare GPU environment may lack matplotlib: the heatmap is skipped with a warning, the child is written."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        find_spec(name, *a))
+    out = tmp_path / "child"
+    assert main(["prune", "--model", str(tiny_model_dir), "--num-layers", "2", "--calibration",
+                 str(_texts_file(tmp_path)), "--max-length", "32", "--out", str(out)]) == 0
+    assert (out / "pruning.json").is_file() and (out / "manifest.json").is_file()
+    assert not (out / "distances.png").exists() and "matplotlib is not installed" in caplog.text
