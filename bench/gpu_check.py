@@ -172,8 +172,9 @@ def evaluate_stage(c: Check) -> dict[str, Any]:
     out = c.out / "evaluate"
     # The GPU run times MMLU (57 subject tasks: the hub's group structure); the CPU run keeps its test short.
     evaluate(EvalConfig(model=[c.paths["lora-greedy"]], baseline=c.paths["parent"], preset="cpu",
-                        tasks=["arc_easy"] if c.cpu else ["arc_easy", "mmlu"], limit=c.lim["items"], data_dir=str(data_dir), batch_size=8,
-                        dtype=c.dtype, device=c.device, cache=False, bootstrap_iters=20, out=str(out)))
+                        tasks=["arc_easy"] if c.cpu else ["arc_easy", "mmlu"], limit=c.lim["items"],
+                        data_dir=str(data_dir), batch_size=8, dtype=c.dtype, device=c.device, cache=False,
+                        bootstrap_iters=20, out=str(out)))
     scores = json.loads((out / "scores.json").read_text())
     items = sum(t["n"] for m in scores["models"].values() for t in m["tasks"].values())
     seconds = sum(scores["settings"]["wall_time_s"].values())

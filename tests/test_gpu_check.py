@@ -19,7 +19,7 @@ def test_gpu_check_cpu_mode_runs_every_stage(tmp_path, data_dir):
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert STAGES <= set(report["stages"])
+    assert set(report["stages"]) >= STAGES
     assert all(s["status"] == "ok" for s in report["stages"].values()), report["stages"]
     stages = report["stages"]
     assert stages["distill-greedy"]["tokens_per_s"] > 0 and stages["plain-generate"]["engine_speedup"] > 0

@@ -297,7 +297,6 @@ class RefillEngine:
     GROUP_COST = 512
 
     def __init__(self, model: Any, params: GenParams, pad_id: int) -> None:
-        import torch
 
         self.model, self.params, self.pad_id = model, params, pad_id
         self.stop = set(params.stop_ids)
