@@ -102,9 +102,10 @@ def _group_subset(leaves: dict[str, Any], size: int | None, seed: int) -> dict[s
     """A seeded subset of `size` documents drawn over all leaves of a task or group, as indices per leaf.
 
     A group's documents are pooled so `size` counts the group's items, like a single task's, and each
-    subject is represented in proportion to its size, as in the size-weighted group score. A single task
-    draws exactly what it drew before groups existed (pool index == document index)."""
-    pool = [(name, i) for name, task in leaves.items() for i in range(len(task.eval_docs))]
+    subject is represented in proportion to its size, as in the size-weighted group score. Leaves are pooled in
+    name order, which for MMLU is the order of the subject files: the same seed draws the same items as the
+    single all-subjects task did before (and a single task's pool index is its document index)."""
+    pool = [(name, i) for name, task in sorted(leaves.items()) for i in range(len(task.eval_docs))]
     picked = subset(len(pool), size, seed)
     if picked is None:
         return {}
