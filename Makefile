@@ -6,7 +6,7 @@ RUN_DIR ?= runs/smollm2-demo
 
 .PHONY: setup demo test test-fast lint
 
-.venv/.installed: pyproject.toml scripts/setup.sh
+.venv/.installed: pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 

@@ -262,3 +262,16 @@ def stop_token_ids(tokenizer: Any, model: Any | None = None) -> tuple[int, ...]:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
             ids.add(tid)
     return tuple(sorted(ids))
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for the model's forward: transformers 5.24 renamed `past_key_values` to `cache`
+    (the old name is deprecated until 5.40), and 5.17 (still installed on many GPU machines) knows only
+    the old one, where `cache=` would be swallowed by **kwargs and the cache silently left empty."""
+    import inspect
+
+    forward = type(model).forward
+    if not hasattr(forward, "_selfdistill_cache_name"):
+        params = inspect.signature(forward).parameters
+        forward._selfdistill_cache_name = "cache" if "cache" in params else "past_key_values"
+    return {forward._selfdistill_cache_name: cache}

@@ -17,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from selfdistill.config import opt
-from selfdistill.models import DEFAULT_MODEL
+from selfdistill.models import DEFAULT_MODEL, cache_kwargs
 from selfdistill.rundir import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,15 @@ def _random_ids(model: Any, seq_len: int) -> Any:
     return torch.randint(3, vocab, (1, seq_len), generator=g).to(model.device)
 
 
+def _synchronize(device: Any) -> None:
+    """Wait for the device's queued kernels: CUDA calls return once launched, so a timer read without this
+    measures kernel launches, not kernels."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time_once(model: Any, ids: Any, decode_tokens: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of one run: a forward over `ids`, then batch-1 greedy steps."""
     import torch
@@ -106,13 +115,16 @@ def _time_once(model: Any, ids: Any, decode_tokens: int) -> tuple[float, float]:
 
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
+        _synchronize(ids.device)
         start = time.perf_counter()
-        logits = model(input_ids=ids, cache=cache, use_cache=True).logits
-        prefill = ids.shape[1] / (time.perf_counter() - start)
+        logits = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits
         token = logits[:, -1:].argmax(-1)
+        _synchronize(ids.device)
+        prefill = ids.shape[1] / (time.perf_counter() - start)
         start = time.perf_counter()
         for _ in range(decode_tokens):  # a fixed count: EOS must not shorten the timed run
-            token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+        _synchronize(ids.device)
         return prefill, decode_tokens / (time.perf_counter() - start)
 
 

@@ -313,3 +313,49 @@ def test_real_parent_distills_four_gsm8k_rows(real_model_dir, gsm8k_train, tmp_p
         if r["used"] == "rewrite":  # a kept rewrite really reaches the reference's answer
             assert same_answer(final_answer(r["rewrite"]), ref.split("####")[-1].strip())
     assert stats["rewrites_kept"] + stats["rewrites_rejected"] == 4 and stats["generated_tokens"] > 20
+
+
+class _FakeVLLM:
+    """Stands in for the `vllm` module: records how the engine is built (vLLM itself needs CUDA)."""
+
+    def __init__(self, replica: int = 0, replicas: int = 1) -> None:
+        self.built: dict = {}
+        self.layout = (replica, replicas)
+
+    def LLM(self, **kwargs):  # noqa: N802 - vLLM's name
+        from types import SimpleNamespace
+
+        self.built = kwargs
+        parallel = SimpleNamespace(data_parallel_rank=self.layout[0], data_parallel_size=self.layout[1])
+        return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(parallel_config=parallel)),
+                               get_tokenizer=lambda: None)
+
+
+@pytest.mark.parametrize(("env", "tp", "expected"), [
+    ({}, 2, {"tensor_parallel_size": 2}),
+    ({"WORLD_SIZE": "4", "RANK": "3"}, 2, {"tensor_parallel_size": 2, "data_parallel_size": 2,
+                                           "distributed_executor_backend": "external_launcher", "seed": 7}),
+])
+def test_vllm_engine_gets_tensor_parallel_and_the_external_launcher_under_a_launch(monkeypatch, env, tp, expected):
+    from selfdistill.distill.backends import open_vllm, vllm_layout
+
+    world = int(env.get("WORLD_SIZE", 1))
+    fake = _FakeVLLM(*vllm_layout(int(env.get("RANK", 0)), world, tp)[:2]) if world > 1 else _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("selfdistill.models.resolve_model", lambda name: name)
+    open_vllm("some/model", "bfloat16", "cuda:3", tensor_parallel_size=tp, seed=7)
+    assert {k: v for k, v in fake.built.items() if k not in ("model", "dtype", "enforce_eager")} == expected
+
+
+def test_vllm_replicas_are_consecutive_ranks_and_their_first_rank_writes():
+    from selfdistill.distill.backends import vllm_layout
+
+    assert [vllm_layout(r, 4, 2) for r in range(4)] == [(0, 2, True), (0, 2, False), (1, 2, True), (1, 2, False)]
+    assert vllm_layout(2, 4, 1) == (2, 4, True)
+    with pytest.raises(UserError, match="must divide"):
+        vllm_layout(0, 4, 3)
+    with pytest.raises(UserError, match="only with backend vllm"):
+        from_dict(DistillConfig, {"teacher": "t", "dataset": "d", "tensor_parallel_size": 2})

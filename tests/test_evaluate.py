@@ -49,10 +49,14 @@ def test_every_local_task_runs_on_a_tiny_model(tmp_path, tiny_model_dir, tiny_ch
     chance = scores["models"][str(tiny_model_dir)]["tasks"]
     assert chance["mmlu"]["chance"] == 0.25 and chance["winogrande"]["chance"] == 0.5 and chance["gsm8k"]["chance"] == 0
     assert 0 < chance["truthfulqa_mc2"]["chance"] < 1
-    assert scores["settings"]["n_shot"]["sd_arc_challenge"] == 25 and scores["settings"]["n_shot"]["sd_mmlu"] == 5
+    assert scores["settings"]["n_shot"]["sd_arc_challenge"] == 25
+    assert {k: v for k, v in scores["settings"]["n_shot"].items() if k.startswith("sd_mmlu_")} and all(
+        v == 5 for k, v in scores["settings"]["n_shot"].items() if k.startswith("sd_mmlu_"))
     assert "retention" in scores["models"][str(tiny_child)] and math.isfinite(result["average"][str(tiny_child)])
     full = json.loads((out / "results" / "llama4.json").read_text())
-    assert set(full["samples"]) == {f"sd_{t}" for t in scores["tasks"]}
+    leaves = {k for k in full["samples"] if k.startswith("sd_mmlu_")}  # mmlu is a group of subjects, as on the hub
+    assert set(full["samples"]) - leaves == {f"sd_{t}" for t in scores["tasks"]} - {"sd_mmlu"}
+    assert sum(len(full["samples"][k]) for k in leaves) == 2 and "sd_mmlu" in full["group_subtasks"]
     assert (out / "scores.png").stat().st_size > 1000 and "| model |" in (out / "scores.md").read_text()
     assert (out / "manifest.json").is_file()
 
@@ -157,6 +161,47 @@ def test_earlier_results_are_kept_when_a_later_model_fails(tmp_path, tiny_model_
     assert code == 2 and (out / "results" / "llama6.json").is_file() and not (out / "manifest.json").exists()
 
 
+def test_local_mmlu_is_the_hubs_tree_of_groups_and_subjects(data_dir):
+    """sd_mmlu mirrors lm-eval's mmlu: four category groups over the same 57 subjects, split the same way."""
+    import lm_eval
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    from selfdistill.evaluate.presets import TASKS_DIR
+
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data_dir)})
+    ours = {g.removeprefix("sd_"): {t.removeprefix("sd_") for t in children}
+            for g, children in tm.load(["sd_mmlu"])["group_map"].items()}
+    hub: dict[str, set[str]] = {"mmlu": set()}  # read from lm-eval's YAMLs: loading them would need the hub
+    for path in (Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default").glob("mmlu_*.yaml"):
+        leaf = yaml.safe_load(path.read_text())
+        group = leaf["tag"].removesuffix("_tasks")
+        hub["mmlu"].add(group)
+        hub.setdefault(group, set()).add(leaf["task"])
+    assert ours == hub and sum(len(v) for k, v in ours.items() if k != "mmlu") == 57
+
+
+def test_group_scores_pair_documents_by_subject_and_id():
+    """A group's leaves number their documents from 0 each: scores and the bootstrap keep them apart (the
+    hub preset's mmlu crashed here on ids like mmlu_abstract_algebra/0)."""
+    from selfdistill.evaluate import score_models
+    from selfdistill.evaluate.presets import TaskSpec
+
+    def result(accs: dict[str, list[float]]) -> dict:
+        return {"samples": {leaf: [{"doc_id": i, "filter": "none", "acc": a, "arguments": [0, 1, 2, 3]}
+                                   for i, a in enumerate(v)] for leaf, v in accs.items()},
+                "group_subtasks": {"mmlu": ["mmlu_stem"], "mmlu_stem": list(accs)}}
+    parent = result({"mmlu_abstract_algebra": [1, 1, 0], "mmlu_anatomy": [1, 0]})
+    child = result({"mmlu_abstract_algebra": [1, 0, 0], "mmlu_anatomy": [1, 0]})
+    other = result({"mmlu_abstract_algebra": [0, 0, 0], "mmlu_anatomy": [0, 1]})
+    scores = score_models({"p": parent, "c": child, "o": other}, {"mmlu": TaskSpec("mmlu", 5, "acc,none", local=False)},
+                          "p", bootstrap_iters=50, seed=0)
+    assert scores["models"]["c"]["tasks"]["mmlu"]["n"] == 5
+    assert scores["models"]["c"]["tasks"]["mmlu"]["value"] == pytest.approx(2 / 5)
+    assert scores["models"]["c"]["retention"] == pytest.approx(2 / 3 * 100)
+    assert scores["pairwise"][0]["average_diff"] == pytest.approx(1 / 5)
+
+
 def test_presets_cover_the_leaderboard_suite():
     assert {t: s.shots for t, s in PRESETS["openllm-v1"].items()} == {
         "arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc2": 0, "winogrande": 5, "gsm8k": 5}
@@ -221,3 +266,23 @@ def test_selection_items_lie_outside_the_reported_subset(tmp_path, tiny_model_di
 
     reported, selected = docs("reported"), docs("selection", selection=5)
     assert len(reported) == 6 and len(selected) == 5 and not reported & selected
+
+
+def test_vllm_under_a_launch_runs_once_on_every_gpu(monkeypatch, tmp_path):
+    """lm-eval's vLLM backend does not shard by rank: rank 0 gets WORLD_SIZE / tp replicas, the others step aside."""
+    import types
+
+    from selfdistill.evaluate.runner import make_lm
+
+    built = {}
+    fake = types.ModuleType("lm_eval.models.vllm_causallms")
+    fake.VLLM = lambda **kwargs: built.update(kwargs)
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", fake)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    make_lm("m", "/m", backend="vllm", dtype="bfloat16", device="cuda", batch_size=8, max_length=None,
+            tensor_parallel_size=2)
+    assert built["tensor_parallel_size"] == 2 and built["data_parallel_size"] == 2
+    monkeypatch.setenv("RANK", "3")
+    assert evaluate(EvalConfig(model=["/nonexistent"], backend="vllm", out=str(tmp_path / "ev"))) == {"rank": 3}
+    assert not (tmp_path / "ev").exists()

@@ -276,3 +276,25 @@ def test_real_model_pruned_lora_8_steps(real_model_dir, gsm8k_train, tmp_path):
     assert reloaded.config.num_hidden_layers == 24
     enc = tok("Hello", return_tensors="pt")
     assert torch.isfinite(reloaded(**enc).logits).all()
+
+
+def test_sharded_weights_are_gathered_by_the_trainer_on_every_process(tmp_path):
+    """FSDP / ZeRO-3 shard the weights: every process calls the Trainer's save_model (which gathers them), and an
+    FSDP run with a sharded state-dict type is switched to a full one, for which save_model writes weights."""
+    from types import SimpleNamespace
+
+    from selfdistill.finetune.run import gather_weights
+
+    class Plugin:
+        state_dict_type = "StateDictType.SHARDED_STATE_DICT"
+
+        def set_state_dict_type(self, kind):
+            self.state_dict_type = f"StateDictType.{kind}"
+
+    saved = []
+    plugin = Plugin()
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+                              is_fsdp_enabled=True, model=SimpleNamespace(config=SimpleNamespace(use_cache=False)),
+                              save_model=lambda out: saved.append((out, plugin.state_dict_type)))
+    gather_weights(FinetuneConfig(model="m", data="d", out=str(tmp_path / "o")), trainer, tmp_path / "staged")
+    assert saved == [(str(tmp_path / "staged"), "StateDictType.FULL_STATE_DICT")] and trainer.model.config.use_cache

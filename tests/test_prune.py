@@ -264,3 +264,17 @@ def test_select_by_heldout_loss_removes_the_cheapest_candidate(tmp_path, tiny_mo
     assert result["removed_layers"] == [cheapest["start"], cheapest["start"] + 1]
     with pytest.raises(UserError, match="select_by"):
         from_dict(PruneConfig, {"select_by": "magic"})
+
+
+def test_prune_without_matplotlib_still_writes_the_child(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """A bare GPU environment may lack matplotlib: the heatmap is skipped with a warning, the child is written."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        find_spec(name, *a))
+    out = tmp_path / "child"
+    assert main(["prune", "--model", str(tiny_model_dir), "--num-layers", "2", "--calibration",
+                 str(_texts_file(tmp_path)), "--max-length", "32", "--out", str(out)]) == 0
+    assert (out / "pruning.json").is_file() and (out / "manifest.json").is_file()
+    assert not (out / "distances.png").exists() and "matplotlib is not installed" in caplog.text

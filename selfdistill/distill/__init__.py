@@ -17,7 +17,7 @@ from typing import Any
 
 from selfdistill.config import opt, to_dict
 from selfdistill.data import Example, load_examples
-from selfdistill.distill.backends import BACKENDS
+from selfdistill.distill.backends import BACKENDS, vllm_layout
 from selfdistill.distill.generate import GenParams
 from selfdistill.distill.prompts import RewritePrompt, check_template, render_rewrite
 from selfdistill.distill.records import check_prefix, make_row, open_for_append, read_complete, summarize, sync, write_row
@@ -45,6 +45,7 @@ class DistillConfig:
     on_bad_row: str = opt("fail", "fail or skip malformed rows")
     system_prompt: str | None = opt(None, "system turn added to the training prompt")
     backend: str = opt("hf", "generation backend: hf (refilling batched engine) or vllm")
+    tensor_parallel_size: int = opt(1, "vllm: GPUs per engine (under a launcher: processes per engine)")
     batch_size: int = opt(32, "rows decoded at once (slots of the engine)")
     max_new_tokens: int = opt(512, "limit per rewrite")
     temperature: float = opt(0.0, "0 = greedy; SDFT sampled with 0.95")
@@ -71,6 +72,9 @@ class DistillConfig:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend '{self.backend}' (choose from {', '.join(BACKENDS)})")
+        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.backend != "vllm"):
+            raise ValueError("tensor_parallel_size must be >= 1, and above 1 only with backend vllm "
+                             "(the hf engine runs one copy per process: accelerate launch)")
         if self.on_bad_row not in ("fail", "skip"):
             raise ValueError(f"on_bad_row must be fail or skip, not '{self.on_bad_row}'")
         for name in self.verifiers:
@@ -89,10 +93,12 @@ def _field_map(items: list[str]) -> dict[str, str] | None:
     return dict(i.split("=", 1) for i in items)
 
 
-def _world(device: str) -> tuple[Any, int, int]:
+def _world(device: str, backend: str) -> tuple[Any, int, int]:
     """(accelerate state or None, rank, world size) — one process unless launched distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None, 0, 1
+    if backend == "vllm":  # vLLM's external launcher sets up torch.distributed itself
+        return None, int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
     from accelerate import PartialState
 
     # Without cpu=True accelerate sees no GPU and quietly runs every process alone (gloo needs it).
@@ -116,29 +122,32 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                              system_prompt=cfg.system_prompt)
     done_rows, keep_bytes = read_complete(out)
     check_prefix(out, done_rows, examples)
-    state, rank, world = _world(cfg.device)
+    state, rank, world = _world(cfg.device, cfg.backend)
+    shard, shards, writer = (rank, world, True) if cfg.backend != "vllm" \
+        else vllm_layout(rank, world, cfg.tensor_parallel_size)
     todo = list(range(len(done_rows), len(examples)))
-    if world > 1:
-        todo = todo[rank * len(todo) // world:(rank + 1) * len(todo) // world]
+    todo = todo[shard * len(todo) // shards:(shard + 1) * len(todo) // shards]
     gen_stats = {"generated_tokens": 0, "generation_s": 0.0}
-    if todo:
+    if todo or (cfg.backend == "vllm" and world > 1):  # vLLM's ranks build their engines together
         device = resolve_device(cfg.device)
         if state is not None and device == "cuda":
             device = str(state.device)  # cuda:<local rank>
         dtype = resolve_dtype(cfg.dtype, device)
-        tok, generate = BACKENDS[cfg.backend](cfg.teacher, dtype, device)
-        target = out if world == 1 else _part(out, rank, world)
+        tok, generate = BACKENDS[cfg.backend](cfg.teacher, dtype, device, cfg.tensor_parallel_size, cfg.seed)
+        target = (out if shards == 1 else _part(out, shard, shards)) if writer else out.with_name(f"{out.name}.copy{rank}")
         gen_stats = _run(cfg, examples, todo, prompt, tok, generate, target,
-                         keep_bytes if world == 1 else None)
-    if state is not None:
-        from accelerate.utils import gather_object
-
-        shards = gather_object([gen_stats])  # also the barrier: every shard file is complete
-        gen_stats = {"generated_tokens": sum(g["generated_tokens"] for g in shards),
-                     "generation_s": max(g["generation_s"] for g in shards)}
+                         keep_bytes if shards == 1 and writer else None)
+        if not writer:  # a copy of its replica's rows
+            target.unlink(missing_ok=True)
+            gen_stats = {"generated_tokens": 0, "generation_s": 0.0}
+    if world > 1:
+        shard_stats = _gather(state, gen_stats)  # also the barrier: every shard file is complete
+        gen_stats = {"generated_tokens": sum(g["generated_tokens"] for g in shard_stats),
+                     "generation_s": max(g["generation_s"] for g in shard_stats)}
         if rank != 0:
             return {"rank": rank, "rows": len(todo), **gen_stats}
-        _merge_parts(out, keep_bytes, world)
+        if shards > 1:
+            _merge_parts(out, keep_bytes, shards)
     rows, _ = read_complete(out)
     stats = {**summarize(rows), "rows_this_run": len(rows) - len(done_rows), "resumed_after": len(done_rows),
              **gen_stats, "tokens_per_s": round(gen_stats["generated_tokens"] / gen_stats["generation_s"], 1)
@@ -146,6 +155,20 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
              "wall_time_s": round(time.time() - started, 2), "config": to_dict(cfg)}
     atomic_write_json(out.parent / "stats.json", stats)
     return {k: v for k, v in stats.items() if k != "config"}
+
+
+def _gather(state: Any, value: dict[str, Any]) -> list[dict[str, Any]]:
+    """`value` of every process: through accelerate (hf), or vLLM's CPU process group (external launcher)."""
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import get_world_group
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=get_world_group().cpu_group)
+    return values
 
 
 def _part(out: Path, rank: int, world: int) -> Path:

@@ -2,6 +2,13 @@
 
 Each opener loads the teacher once and returns (tokenizer, generate) where `generate(prompts,
 params)` yields `Result`s as rows finish; vLLM is an optional extra and its absence is a clear error.
+
+Under a multi-process launch (`accelerate launch`, torchrun) the HF engine runs one copy per GPU on its
+shard. vLLM uses its external launcher there (vLLM's torchrun examples): every process holds one worker,
+`tensor_parallel_size` consecutive ranks form one engine, and each engine is a data-parallel replica that
+decodes its own shard; within a replica all ranks produce the same outputs and its first rank writes them
+(`vllm_layout`). The vLLM paths follow vLLM's documented API but are not exercised by this project's
+tests or GPU check (docs/distill.md).
 """
 
 from __future__ import annotations
@@ -15,7 +22,16 @@ from selfdistill.errors import UserError
 GenerateFn = Callable[[Iterable[tuple[int, list[int]]], GenParams], Iterator[Result]]
 
 
-def open_hf(teacher: str, dtype: str, device: str) -> tuple[Any, GenerateFn]:
+def vllm_layout(rank: int, world: int, tensor_parallel_size: int) -> tuple[int, int, bool]:
+    """(replica index, replica count, whether this rank writes its replica's rows) under the external launcher,
+    whose ranks [k * tp, (k + 1) * tp) form replica k."""
+    if tensor_parallel_size < 1 or world % tensor_parallel_size:
+        raise UserError(f"tensor_parallel_size {tensor_parallel_size} must divide the process count {world}")
+    return rank // tensor_parallel_size, world // tensor_parallel_size, rank % tensor_parallel_size == 0
+
+
+def open_hf(teacher: str, dtype: str, device: str, tensor_parallel_size: int = 1,
+            seed: int = 0) -> tuple[Any, GenerateFn]:
     from selfdistill.models import load_model
 
     model, tok = load_model(teacher, dtype=dtype, device=device)
@@ -29,8 +45,14 @@ def open_hf(teacher: str, dtype: str, device: str) -> tuple[Any, GenerateFn]:
     return tok, run
 
 
-def open_vllm(teacher: str, dtype: str, device: str) -> tuple[Any, GenerateFn]:
-    """vLLM does its own continuous batching; we hand it a window of prompts at a time so rows stream out."""
+def open_vllm(teacher: str, dtype: str, device: str, tensor_parallel_size: int = 1,
+              seed: int = 0) -> tuple[Any, GenerateFn]:
+    """vLLM does its own continuous batching; we hand it a window of prompts at a time so rows stream out.
+
+    `device` is not passed: vLLM places its workers itself (one process: GPUs 0..tp-1 of those visible;
+    under a launcher: the rank's own GPU, through the external launcher)."""
+    import os
+
     try:
         import vllm
     except ImportError:
@@ -38,7 +60,18 @@ def open_vllm(teacher: str, dtype: str, device: str) -> tuple[Any, GenerateFn]:
                         "(pip install 'selfdistill[vllm]', Linux + CUDA)") from None
     from selfdistill.models import resolve_model
 
-    llm = vllm.LLM(model=resolve_model(teacher), dtype=dtype, enforce_eager=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size}
+    if world > 1:
+        replica, replicas, _ = vllm_layout(int(os.environ.get("RANK", "0")), world, tensor_parallel_size)
+        # The same seed on every rank: a replica's ranks must sample the same tokens (vLLM's torchrun example).
+        parallel.update(data_parallel_size=replicas, distributed_executor_backend="external_launcher", seed=seed)
+    llm = vllm.LLM(model=resolve_model(teacher), dtype=dtype, enforce_eager=False, **parallel)
+    if world > 1:
+        config = llm.llm_engine.vllm_config.parallel_config
+        if (config.data_parallel_rank, config.data_parallel_size) != (replica, replicas):
+            raise UserError(f"vLLM placed this rank in replica {config.data_parallel_rank} of "
+                            f"{config.data_parallel_size}, not {replica} of {replicas}: rows would be lost")
     tok = llm.get_tokenizer()
 
     def run(prompts: Iterable[tuple[int, list[int]]], params: GenParams) -> Iterator[Result]:

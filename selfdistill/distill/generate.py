@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from selfdistill.distill.onednn import packed_linears
-from selfdistill.models import stop_token_ids  # noqa: F401 - the engine's stop ids live with the loaders
+from selfdistill.models import cache_kwargs, stop_token_ids  # noqa: F401 - stop ids live with the loaders
 
 log = logging.getLogger(__name__)
 
@@ -283,11 +283,10 @@ class RefillEngine:
     GROUP_COST = 512
 
     def __init__(self, model: Any, params: GenParams, pad_id: int) -> None:
-        import torch
 
         self.model, self.params, self.pad_id = model, params, pad_id
         self.stop = set(params.stop_ids)
-        self.generator = torch.Generator().manual_seed(params.seed)
+        self.generator: Any = None  # made on the logits' device at the first sampled step (_generator_on)
         self.cache = SlotCache()
         self.owner: list[int | None] = []  # prompt index per slot; None = free
         self.out: list[list[int]] = []
@@ -333,8 +332,18 @@ class RefillEngine:
         """The next token after each row's last position ([rows]) or, with keep=0, after every position of
         a one-row (packed) input ([tokens])."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=keep, **extra)
-        return _pick(out.logits[:, -1] if keep == 1 else out.logits[0], self.params, self.generator)
+                         use_cache=True, logits_to_keep=keep, **cache_kwargs(self.model, cache), **extra)
+        logits = out.logits[:, -1] if keep == 1 else out.logits[0]
+        return _pick(logits, self.params, self._generator_on(logits.device))
+
+    def _generator_on(self, device: Any) -> Any:
+        """The seeded generator, on `device`: torch.multinomial needs one on its input's device, so a CPU
+        generator crashes sampling on CUDA (a sharded model's logits sit on its last GPU)."""
+        import torch
+
+        if self.params.temperature > 0 and (self.generator is None or self.generator.device != device):
+            self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
+        return self.generator
 
     def _fill(self, batch: list[tuple[int, list[int]]], free: list[int]) -> Iterator[Result]:
         """Prefill new prompts and move their KV into free slots.
@@ -439,8 +448,9 @@ class RefillEngine:
         """One token for every slot, as a [slots, 1] batch (models without the slot attention)."""
         c = self.cache
         c.mask[:, c.end] = 1
-        picked = self._forward(self.last[:, None], c.mask[:, c.start:c.end + 1], self.pos[:, None],
-                               _model_cache(c, self.n_layers))
+        # The mask stays on the CPU for the slot bookkeeping; the model needs it on its own device.
+        picked = self._forward(self.last[:, None], c.mask[:, c.start:c.end + 1].to(self.model.device),
+                               self.pos[:, None], _model_cache(c, self.n_layers))
         c.end += 1
         c.ends += 1
         self.pos += 1

@@ -43,6 +43,7 @@ class EvalConfig:
     apply_chat_template: bool = opt(False, "wrap prompts in the model's chat template (docs/evaluate.md)")
     max_gen_toks: int = opt(0, "generation cap for GSM8K (0: lm-eval's default 256)")
     backend: Literal["hf", "vllm"] = opt("hf", "hf: HFLM around our loaded model; vllm: lm-eval's vLLM backend")
+    tensor_parallel_size: int = opt(1, "vllm: GPUs per replica (replicas = launched processes / this)")
     bootstrap_iters: int = opt(2000, "paired bootstrap draws for retention differences")
     cache: bool = opt(True, "reuse cached scores of a model with the same hash and settings")
     out: str = opt("runs/evaluate", "output folder")
@@ -56,6 +57,8 @@ class EvalConfig:
             raise ValueError(f"--selection must be >= 1, got {self.selection}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.backend != "vllm"):
+            raise ValueError("--tensor-parallel-size must be >= 1, and above 1 only with --backend vllm")
 
 
 def default_data_dir(value: str = "") -> Path | None:
@@ -105,7 +108,7 @@ def _evaluate_one(name: str, path: str, cfg: EvalConfig, settings: dict[str, Any
         log.info("%s: cached scores %s", name, cached)
         return json.loads(cached.read_text(encoding="utf-8")), True
     lm = make_lm(name, path, backend=cfg.backend, dtype=settings["dtype"], device=device,
-                 batch_size=cfg.batch_size, max_length=None)
+                 batch_size=cfg.batch_size, max_length=None, tensor_parallel_size=cfg.tensor_parallel_size)
     t0 = time.time()
     if tasks["objs"] is None:  # built on first use, so a fully cached call never builds them
         tasks["objs"], tasks["samples"] = load_tasks(tasks["specs"], tasks["tm"], limit=cfg.limit, seed=cfg.seed,
@@ -122,14 +125,17 @@ def _evaluate_one(name: str, path: str, cfg: EvalConfig, settings: dict[str, Any
 
 
 def _task_samples(res: dict[str, Any], task: str) -> list[dict[str, Any]]:
-    """Logged samples of a task, or of all leaves of a group (hub mmlu), doc ids made unique per leaf."""
+    """Logged samples of a task, or of all leaves of a group (mmlu: groups of subjects), each doc id
+    prefixed with its leaf ("<leaf>/<doc_id>"): every leaf numbers its documents from 0."""
     samples = res.get("samples", {})
     if task in samples:
         return samples[task]
     out = []
-    for leaf in res.get("group_subtasks", {}).get(task, []):
-        for s in _task_samples(res, leaf):
-            out.append(s | {"doc_id": f"{leaf}/{s['doc_id']}"})
+    for child in res.get("group_subtasks", {}).get(task, []):
+        if child in samples:
+            out.extend(s | {"doc_id": f"{child}/{s['doc_id']}"} for s in samples[child])
+        else:  # a sub-group: its leaves are already prefixed
+            out.extend(_task_samples(res, child))
     return out
 
 
@@ -180,11 +186,14 @@ def _finite(x: Any) -> Any:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.baseline` and every `cfg.model`; write results/, scores.json/.md/.png, manifest.json."""
     from selfdistill.evaluate.outputs import bar_chart, write_markdown
-    from selfdistill.evaluate.runner import task_manager
+    from selfdistill.evaluate.runner import task_manager, vllm_steps_aside
     from selfdistill.models import resolve_device, resolve_dtype, resolve_model
     from selfdistill.rundir import atomic_write_json, write_manifest
 
     started = time.time()
+    if cfg.backend == "vllm" and vllm_steps_aside():
+        log.info("rank %s: the vLLM backend evaluates in rank 0, on every GPU of the launch", os.environ["RANK"])
+        return {"rank": int(os.environ["RANK"])}
     specs = select_tasks(cfg.preset, cfg.tasks)
     data_dir = default_data_dir(cfg.data_dir)
     check_data_dir(data_dir, specs)

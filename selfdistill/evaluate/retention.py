@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 
 
-def per_doc(samples: list[dict[str, Any]], metric_key: str) -> dict[int, float]:
-    """doc_id -> score for one `metric,filter` key from lm-eval's logged samples."""
+def per_doc(samples: list[dict[str, Any]], metric_key: str) -> dict[Any, float]:
+    """doc_id -> score for one `metric,filter` key from lm-eval's logged samples.
+
+    A task's ids are lm-eval's ints; a group's are "<leaf>/<doc_id>" strings (the leaves' ids overlap)."""
     metric, _, filt = metric_key.partition(",")
-    return {int(s["doc_id"]): float(s[metric]) for s in samples if s.get("filter", "none") == filt and metric in s}
+    return {s["doc_id"]: float(s[metric]) for s in samples if s.get("filter", "none") == filt and metric in s}
 
 
 def chance_of(samples: list[dict[str, Any]], metric_key: str) -> float:
@@ -78,8 +80,8 @@ def retention(child: dict[str, dict[str, Any]], parent: dict[str, dict[str, Any]
     }
 
 
-def paired_bootstrap(a: dict[str, dict[int, float]], b: dict[str, dict[int, float]],
-                     parent: dict[str, dict[int, float]], *, iters: int = 2000, seed: int = 0) -> dict[str, Any]:
+def paired_bootstrap(a: dict[str, dict[Any, float]], b: dict[str, dict[Any, float]],
+                     parent: dict[str, dict[Any, float]], *, iters: int = 2000, seed: int = 0) -> dict[str, Any]:
     """95 % interval of retention(a) - retention(b) (and of the average difference), resampling the
     documents of each task with replacement, the same draw for parent, a and b."""
     tasks = [t for t in parent if t in a and t in b]

@@ -30,15 +30,31 @@ def task_manager(specs: dict[str, TaskSpec], data_dir: Path | None) -> Any:
                        metadata={"data_dir": str(data_dir) if data_dir else ""})
 
 
+def vllm_parallel(tensor_parallel_size: int) -> dict[str, int]:
+    """lm-eval vLLM sizes for this launch: one process drives every GPU of the launch (WORLD_SIZE of them),
+    as WORLD_SIZE / tp replicas through lm-eval's own (Ray) data parallelism; see `vllm_steps_aside`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tensor_parallel_size < 1 or world % tensor_parallel_size:
+        raise UserError(f"--tensor-parallel-size {tensor_parallel_size} must divide the process count {world}")
+    return {"tensor_parallel_size": tensor_parallel_size, "data_parallel_size": world // tensor_parallel_size}
+
+
+def vllm_steps_aside() -> bool:
+    """True on the ranks other than 0 of a launch: lm-eval's vLLM backend does not shard by rank (each rank
+    would evaluate everything), so rank 0 evaluates on all the launch's GPUs and the others wait."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
 def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batch_size: int,
-            max_length: int | None) -> Any:
+            max_length: int | None, tensor_parallel_size: int = 1) -> Any:
     """An lm-eval LM: HFLM wrapping our loaded model, or lm-eval's vLLM backend."""
     if backend == "vllm":
         try:
             from lm_eval.models.vllm_causallms import VLLM
         except ImportError as e:
             raise UserError(f"--backend vllm: vLLM is not installed ({e}); pip install 'selfdistill[vllm]'") from e
-        return VLLM(pretrained=path, dtype=dtype, batch_size=batch_size, max_length=max_length)
+        return VLLM(pretrained=path, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                    **vllm_parallel(tensor_parallel_size))
     from lm_eval.models.huggingface import HFLM
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -61,15 +77,6 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
     return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length, device=device)
 
 
-def _selection(name: str, n_docs: int, reported: list[int] | None, size: int, seed: int) -> list[int]:
-    """`size` seeded documents outside the reported subset (None: every document is reported)."""
-    taken = set(range(n_docs) if reported is None else reported)
-    rest = [i for i in range(n_docs) if i not in taken]
-    if not rest:
-        raise UserError(f"--selection: task {name} reports all its {n_docs} items; lower --limit to leave some")
-    return sorted(random.Random(seed + 1).sample(rest, min(size, len(rest))))
-
-
 def load_tasks(specs: dict[str, TaskSpec], tm: Any, *, limit: int | None, seed: int,
                selection: int | None = None) -> tuple[list[Any], dict[str, list[int]] | None]:
     """lm-eval Task/Group objects with their own shots, and the fixed document subsets (local presets).
@@ -82,17 +89,62 @@ def load_tasks(specs: dict[str, TaskSpec], tm: Any, *, limit: int | None, seed: 
     local = all(s.local for s in specs.values())
     for spec in specs.values():
         loaded = tm.load([spec.task])
-        for name, task in loaded["tasks"].items():  # a group (hub mmlu) sets the shots of all its leaves
+        for task in loaded["tasks"].values():  # a group (mmlu) sets the shots of all its leaves
             task.set_config(key="num_fewshot", value=spec.shots)
-            n_docs = len(task.eval_docs)
-            reported = (subset(n_docs, limit if limit is not None else spec.size, seed) if local
-                        else list(range(min(limit, n_docs))) if limit else None)
-            if selection:
-                samples[name] = _selection(name, n_docs, reported, selection, seed)
-            elif local and reported:
-                samples[name] = reported
-        objs.append(loaded["groups"].get(spec.task) or loaded["tasks"][spec.task])
+        group = loaded["groups"].get(spec.task)
+        if local or selection:
+            size = limit if limit is not None else spec.size
+            drawn = _group_subset(loaded["tasks"], size, seed, selection, pooled=local)
+            samples.update(drawn)
+            if group is not None and drawn:
+                _drop_undrawn(group, set(drawn))
+        objs.append(group or loaded["tasks"][spec.task])
     return objs, samples or None
+
+
+def _group_subset(leaves: dict[str, Any], size: int | None, seed: int, selection: int | None = None,
+                  pooled: bool = True) -> dict[str, list[int]]:
+    """A seeded subset of `size` documents drawn over all leaves of a task or group, as indices per leaf.
+
+    A group's documents are pooled so `size` counts the group's items, like a single task's, and each
+    subject is represented in proportion to its size, as in the size-weighted group score. Leaves are pooled in
+    name order, which for MMLU is the order of the subject files: the same seed draws the same items as the
+    single all-subjects task did before (and a single task's pool index is its document index).
+    With `selection`, `selection` documents are drawn (seed + 1) from outside that subset instead; for hub
+    tasks (`pooled=False`) the reported subset is lm-eval's first `size` documents of each leaf."""
+    pool = [(name, i) for name, task in sorted(leaves.items()) for i in range(len(task.eval_docs))]
+    if pooled:
+        picked = subset(len(pool), size, seed)
+        reported = set(range(len(pool)) if picked is None else picked)
+    else:
+        reported = {k for k, (_, i) in enumerate(pool) if size is None or i < size}
+    if selection:
+        rest = [k for k in range(len(pool)) if k not in reported]
+        if not rest:
+            raise UserError(f"--selection: {', '.join(sorted(leaves))} report all their {len(pool)} items; "
+                            "lower --limit to leave some")
+        picked = sorted(random.Random(seed + 1).sample(rest, min(selection, len(rest))))
+    elif not pooled or len(reported) == len(pool):
+        return {}
+    else:
+        picked = sorted(reported)
+    out: dict[str, list[int]] = {}
+    for k in picked:
+        name, i = pool[k]
+        out.setdefault(name, []).append(i)
+    return out
+
+
+def _drop_undrawn(group: Any, keep: set[str]) -> bool:
+    """Remove the leaves without drawn documents (lm-eval would run all of a leaf given none) and the
+    sub-groups left empty; True when `group` itself is left empty."""
+    from lm_eval.api.group import Group
+
+    for child in list(group):
+        name = child.name if isinstance(child, Group) else child.task_name
+        if (_drop_undrawn(child, keep) if isinstance(child, Group) else name not in keep):
+            group.pop(name)
+    return len(group) == 0
 
 
 def run_tasks(lm: Any, objs: list[Any], samples: dict[str, list[int]] | None, tm: Any, *, limit: int | None,

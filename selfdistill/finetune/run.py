@@ -180,8 +180,10 @@ def train_and_save(cfg: FinetuneConfig) -> dict[str, Any]:
                "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
                "train_loss": round(result.training_loss, 4), "answer_tokens": tokens,
                "tokens_per_s": round(tokens / train_s, 1), "train_s": round(train_s, 1)}
+    staged = checkpoint_dir(cfg.out) / "final"
+    gather_weights(cfg, trainer, staged)
     if trainer.accelerator.is_main_process:
-        save_output(cfg, trainer, p.tokenizer, p.data, summary, p.dtype, started)
+        save_output(cfg, staged, p.tokenizer, p.data, summary, p.dtype, started)
         if not cfg.keep_checkpoints:
             shutil.rmtree(checkpoint_dir(cfg.out), ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -196,24 +198,53 @@ def _sum_over_processes(trainer: Any, value: int) -> int:
     return int(total.item())
 
 
-def merged_model(cfg: FinetuneConfig, trainer: Any, adapter_dir: Path) -> Any:
-    """LoRA: reload the child in fp32 and merge the saved adapter, so small deltas survive the merge."""
-    if cfg.method == "full":
-        return trainer.model
+def gather_weights(cfg: FinetuneConfig, trainer: Any, staged: Path) -> None:
+    """Every process: the trained weights (LoRA: the adapter) into `staged`, written by rank 0.
+
+    The Trainer's save_model gathers what FSDP or DeepSpeed ZeRO-3 shard over the processes; the model's own
+    save_pretrained on rank 0 would write rank 0's shard alone. FSDP's save_model writes nothing under a
+    sharded state-dict type, so a full one is asked for; ZeRO-3 needs stage3_gather_16bit_weights_on_model_save
+    (checked in save_output, where a missing weight file would otherwise surface as a load error)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+    if cfg.method != "lora":
+        drop_quantization(trainer.model)  # a GGUF-loaded child refuses to serialize otherwise
+    trainer.model.config.use_cache = True  # the saved model is for generation; training turned the cache off
+    trainer.save_model(str(staged))
+
+
+def _saved_weights(staged: Path, lora: bool) -> None:
+    names = ("adapter_model.safetensors", "adapter_model.bin") if lora else \
+        ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    if not any((staged / n).is_file() for n in names):
+        raise UserError(f"the trainer saved no {'adapter' if lora else 'model'} weights in {staged} (DeepSpeed "
+                        "ZeRO-3: set stage3_gather_16bit_weights_on_model_save: true in its config)")
+
+
+def merged_model(cfg: FinetuneConfig, staged: Path) -> Any:
+    """The gathered weights as one model; LoRA: the child reloaded in fp32 with the adapter merged, so small
+    deltas survive the merge."""
+    _saved_weights(staged, cfg.method == "lora")
+    if cfg.method != "lora":
+        return load_model(str(staged), dtype="float32", with_tokenizer=False)[0]
     from peft import PeftModel
 
     base, _ = load_model(cfg.model, dtype="float32", allow_pickle=cfg.allow_pickle, with_tokenizer=False)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return PeftModel.from_pretrained(base, str(staged)).merge_and_unload()
 
 
-def save_output(cfg: FinetuneConfig, trainer: Any, tok: Any, data: TrainData, summary: dict[str, Any],
+def save_output(cfg: FinetuneConfig, staged: Path, tok: Any, data: TrainData, summary: dict[str, Any],
                 dtype: str, started: float) -> None:
     """Write model + adapter/ + log + card + config.yaml, then manifest.json last, all in one rename."""
     ckpt = checkpoint_dir(cfg.out)
     with atomic_dir(cfg.out) as tmp:
+        model = merged_model(cfg, staged)
         if cfg.method == "lora":
-            trainer.model.save_pretrained(str(tmp / "adapter"))
-        model = merged_model(cfg, trainer, tmp / "adapter")
+            (tmp / "adapter").mkdir()
+            for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+                if (staged / name).is_file():
+                    shutil.copyfile(staged / name, tmp / "adapter" / name)
         drop_quantization(model)
         model.config.use_cache = True
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -25,6 +25,26 @@ log = logging.getLogger(__name__)
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
+def _masks_keep_logits() -> bool:
+    """Whether models take a boolean `logits_to_keep` mask (transformers >= 5.21, `slice_logits_to_keep`).
+    Older ones index [:, mask, :] and fail, so there every position is projected and the mask applied after:
+    the same loss at the old cost of the full LM head."""
+    import transformers.modeling_utils as mu
+
+    return hasattr(mu, "slice_logits_to_keep")
+
+
+MASKS_KEEP_LOGITS = _masks_keep_logits()
+
+
+def answer_logits(model: Any, inputs: dict[str, Any], keep: torch.Tensor) -> Any:
+    """The model's output with `.logits` only at the `keep` positions ([kept, vocab], row-major order)."""
+    outputs = model(**inputs, use_cache=False, logits_to_keep=keep if MASKS_KEEP_LOGITS else 0)
+    if not MASKS_KEEP_LOGITS:
+        outputs.logits = outputs.logits[keep]
+    return outputs
+
+
 def tokenize_row(tokenizer: Any, row: dict[str, Any], max_length: int) -> dict[str, list[int]] | None:
     """Chat-template one prompt/completion row; completion_mask is 1 on answer tokens (as TRL does).
 
@@ -64,7 +84,7 @@ class RecoveryTrainer(SFTTrainer):
         keep[:, :-1] = labels[:, 1:] != -100
         targets = labels[:, 1:][labels[:, 1:] != -100]
         fwd = {k: inputs[k] for k in _MODEL_INPUTS if k in inputs}
-        outputs = model(**fwd, use_cache=False, logits_to_keep=keep)
+        outputs = answer_logits(model, fwd, keep)
         logits = outputs.logits.reshape(-1, outputs.logits.size(-1))
         if num_items_in_batch is None:  # no global count: average locally (and over accumulation in training)
             accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
@@ -75,7 +95,7 @@ class RecoveryTrainer(SFTTrainer):
         loss = ce
         if self.teacher is not None and self.kd_weight > 0:
             with torch.no_grad():
-                t_logits = self.teacher(**fwd, use_cache=False, logits_to_keep=keep).logits
+                t_logits = answer_logits(self.teacher, fwd, keep).logits
             kd = self.divergence(logits, t_logits.reshape(logits.shape), self.kd_temperature).sum() / denom
             loss = (1 - self.kd_weight) * ce + self.kd_weight * kd
             self._metrics["train"]["kd_loss"].append(self._per_token(kd, denom, targets.numel()))

@@ -7,6 +7,7 @@ plus `pruning.json`, `distances.png` and `manifest.json`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -127,8 +128,10 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     with atomic_dir(cfg.out) as tmp:
         write_model(model, tok, tmp, card)
         atomic_write_json(tmp / "pruning.json", report)
-        if scores is not None:
+        if scores is not None and importlib.util.find_spec("matplotlib") is not None:
             plot_scores(scores, tmp / "distances.png")
+        elif scores is not None:  # a bare GPU environment: the picture is lost, not the pruned model
+            log.warning("distances.png not written: matplotlib is not installed (the scores are in pruning.json)")
         inputs = {"calibration": cfg.calibration} if cfg.calibration and Path(cfg.calibration).exists() else {}
         write_manifest(tmp, config=to_dict(cfg), inputs=inputs, seed=cfg.seed, started=started)
     log.info("pruned %s: removed %s -> %d layers, %s -> %s parameters, saved to %s", cfg.model,

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
+from selfdistill.models import cache_kwargs
+
 
 class Runner(Protocol):
     """A model with a KV cache: `feed` appends tokens and returns the greedy next token after each of them."""
@@ -40,7 +42,7 @@ class ModelRunner:
     @torch.inference_mode()
     def feed(self, tokens: list[int]) -> list[int]:
         ids = torch.tensor([tokens], device=self.device)
-        logits = self.model(input_ids=ids, cache=self.cache, use_cache=True).logits[0]
+        logits = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, self.cache)).logits[0]
         return logits.argmax(-1).tolist()
 
     def crop(self, length: int) -> None:

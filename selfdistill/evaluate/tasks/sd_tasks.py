@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from lm_eval.api.samplers import ContextSampler
 from lm_eval.tasks.truthfulqa.utils import process_results_mc2  # noqa: F401  (used by the mc2 YAML)
 from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401  (used by the winogrande YAML)
     doc_to_choice,
@@ -94,33 +93,20 @@ def load_hellaswag(**kwargs: Any) -> datasets.DatasetDict:
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
 
 
-def _mmlu_rows(folder: Path, suffix: str) -> list[dict[str, Any]]:
-    rows = []
-    for path in sorted(folder.glob(f"*_{suffix}.csv")):
-        subject = path.name[: -len(f"_{suffix}.csv")]
-        with open(path, encoding="utf-8", newline="") as f:
-            for r in csv.DictReader(f):  # header: question,choice0..choice3,answer (index 0-3)
-                rows.append({"subject": subject, "subject_name": subject.replace("_", " "),
-                             "question": r["question"], "answer": int(r["answer"]),
-                             "choices": [r[f"choice{k}"] for k in range(4)]})
-    return rows
+def _mmlu_rows(path: Path, subject: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8", newline="") as f:  # header: question,choice0..choice3,answer (index 0-3)
+        return [{"subject": subject, "question": r["question"], "answer": int(r["answer"]),
+                 "choices": [r[f"choice{k}"] for k in range(4)]} for r in csv.DictReader(f)]
 
 
-def load_mmlu(**kwargs: Any) -> datasets.DatasetDict:
+def load_mmlu(subject: str = "", **kwargs: Any) -> datasets.DatasetDict:
+    """One subject's dev (shots) and test rows, as `cais/mmlu/<subject>` (task YAMLs sd_mmlu_<subject>)."""
+    if not subject:
+        raise ValueError("sd_mmlu tasks need dataset_kwargs.subject (see scripts/make_mmlu_tasks.py)")
     root = _root(kwargs) / "mmlu"
-    return datasets.DatasetDict({"dev": datasets.Dataset.from_list(_mmlu_rows(root / "dev", "dev")),
-                                 "test": datasets.Dataset.from_list(_mmlu_rows(root / "test", "test"))})
-
-
-class SubjectFirstN(ContextSampler):
-    """lm-eval's MMLU is 57 tasks, each taking the first n dev rows of its own subject as shots;
-    one task over all subjects reproduces that by filtering the dev pool on the eval doc's subject."""
-
-    def sample(self, n: int, eval_doc: dict[str, Any] | None = None, df: Any = None, **kwargs: Any) -> list:
-        pool = [d for d in self.df if eval_doc is None or d["subject"] == eval_doc["subject"]]
-        if n > len(pool):
-            raise ValueError(f"MMLU few-shot: {n} shots requested, {len(pool)} dev rows for this subject")
-        return pool[:n]
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(_mmlu_rows(root / split / f"{subject}_{split}.csv",
+                                                                             subject))
+                                 for split in ("dev", "test")})
 
 
 def _targets(d: dict[str, int]) -> dict[str, list]:
