@@ -8,7 +8,8 @@ writes. The claim
 - takes an exclusive `fcntl.flock` on a sibling `.NAME.lock` holding pid, host and command. The kernel drops
   the lock when the process dies, so a `kill -9` leaves no stale lock; a second writer is refused, named;
 - for resumable outputs, compares the settings recorded when the output was started with the current ones
-  and refuses with a one-line diff unless the user asks to `--restart` (then `Claim.fresh` is true).
+  and refuses with a one-line diff unless the user asks to `--restart`; then, as when the output is absent or
+  overwritten, `Claim.fresh` is true and the stage starts over.
 
 `Claim.commit()` writes the record (`NAME/.claim.json` in a folder, `.NAME.claim.json` beside a file) once
 the stage starts writing; under `torchrun`/`accelerate launch` only rank 0 locks and records.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -30,6 +32,8 @@ from typing import Any
 
 from selfdistill.errors import UserError
 from selfdistill.rundir import atomic_write_json, read_manifest
+
+log = logging.getLogger(__name__)
 
 RECORD = ".claim.json"
 Recognize = Callable[[Path], bool]
@@ -192,9 +196,7 @@ def _refuse_foreign(path: Path, stage: str, folder: bool, what: str, writer: str
 
 def _resume_or_restart(path: Path, folder: bool, settings: dict[str, Any], restart: bool,
                        what: str, restart_hint: str) -> bool:
-    """True when the output must start over; refuses when recorded settings differ and no restart was asked."""
-    if restart:
-        return True
+    """True when the output must start over: its recorded settings differ and the user asked to restart."""
     record = read_record(path, folder)
     if record is None or not isinstance(record.get("settings"), dict):
         return False  # made before outputs recorded their settings: resumed as before (rows are still checked)
@@ -203,6 +205,9 @@ def _resume_or_restart(path: Path, folder: bool, settings: dict[str, Any], resta
         return False
     shown = "; ".join(f"{k}: {_show(record['settings'].get(k))} in {path.name}, {_show(settings.get(k))} now"
                       for k in changed[:3]) + ("; ..." if len(changed) > 3 else "")
+    if restart:
+        log.warning("%s: %s; starting over", path, shown)
+        return True
     raise UserError(f"{shown}; {restart_hint} or use another {what}")
 
 
@@ -212,7 +217,8 @@ def claim_output(path: str | Path, stage: str, *, folder: bool, settings: dict[s
                  restart_hint: str = "pass --restart to start over") -> Claim:
     """Check and lock the output `path` of `stage` before any work (see the module docstring).
 
-    `settings`: the content-shaping settings of a resumable output (None = the stage rewrites it whole).
+    `settings`: the content-shaping settings of a resumable output (None = the stage rewrites it whole);
+    `restart`: when they differ from the recorded ones, start over instead of refusing.
     `recognize`: accepts a path this stage made before records existed. `companions`: files written beside
     the output (stats.json, a .md table), refused when present, not ours, and the output itself is absent.
     """

@@ -26,7 +26,7 @@ from selfdistill.distill.records import check_prefix, make_row, open_for_append,
 from selfdistill.distill.verify import DEFAULT_VERIFIERS, VERIFIERS, VerifyOptions, verify
 from selfdistill.errors import UserError
 from selfdistill.guard import claim_output
-from selfdistill.models import DEFAULT_MODEL, resolve_device, resolve_dtype, resolve_model
+from selfdistill.models import DEFAULT_MODEL, check_safe_weights, resolve_device, resolve_dtype, resolve_model
 from selfdistill.rundir import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,9 @@ class DistillConfig:
     dtype: str = opt("auto", "auto (bf16 where native), float32, bfloat16, float16")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     seed: int = opt(0, "sampling seed")
-    overwrite: bool = opt(False, "replace an existing --out that distill did not write", keyed_when_changed=True)
-    restart: bool = opt(False, "discard the rows already in --out and start over (e.g. after changing a "
-                        "setting)", keyed_when_changed=True)
+    overwrite: bool = opt(False, "replace an existing --out that distill did not write", keyed=False)
+    restart: bool = opt(False, "when --out holds rows made with other settings, start over instead of refusing",
+                        keyed=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -120,8 +120,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     examples = load_examples(cfg.dataset, cfg.recipe, fields=_field_map(cfg.fields), limit=cfg.limit,
                              offset=cfg.offset, split=cfg.split, subset=cfg.subset, on_bad_row=cfg.on_bad_row,
                              system_prompt=cfg.system_prompt)
-    if cfg.backend == "hf":
-        resolve_model(cfg.teacher)  # a missing teacher is named now, before the output is touched
+    # A missing or pickle-only teacher is named now, before the output is touched (vLLM loads it itself).
+    check_safe_weights(resolve_model(cfg.teacher))
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     with claim_output(out, "distill", folder=False, settings=resume.settings(cfg, dtype), overwrite=cfg.overwrite,
                       restart=cfg.restart, recognize=resume.recognize_output,

@@ -31,14 +31,16 @@ def open_hf(teacher: str, dtype: str, device: str) -> tuple[Any, GenerateFn]:
 
 def open_vllm(teacher: str, dtype: str, device: str) -> tuple[Any, GenerateFn]:
     """vLLM does its own continuous batching; we hand it a window of prompts at a time so rows stream out."""
+    from selfdistill.models import check_safe_weights, resolve_model
+
+    source = resolve_model(teacher)
+    check_safe_weights(source)  # vLLM loads the folder itself: refuse pickle-only weights as load_model does
     try:
         import vllm
     except ImportError:
         raise UserError("backend 'vllm' needs vLLM, which is not installed "
                         "(pip install 'selfdistill[vllm]', Linux + CUDA)") from None
-    from selfdistill.models import resolve_model
-
-    llm = vllm.LLM(model=resolve_model(teacher), dtype=dtype, enforce_eager=False)
+    llm = vllm.LLM(model=source, dtype=dtype, enforce_eager=False)
     tok = llm.get_tokenizer()
 
     def run(prompts: Iterable[tuple[int, list[int]]], params: GenParams) -> Iterator[Result]:

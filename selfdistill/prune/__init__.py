@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from selfdistill.config import opt, to_dict
 from selfdistill.data import load_examples, render_text
 from selfdistill.errors import UserError
+from selfdistill.guard import claim_output
 from selfdistill.models import DEFAULT_MODEL, decoder_layers, load_model, resolve_device, write_model
 from selfdistill.profile import count_parameters, paper_flops_per_token
 from selfdistill.prune.plot import plot_scores
@@ -50,6 +52,7 @@ class PruneConfig:
     allow_pickle: bool = opt(False, "allow loading pickle (.bin) checkpoints, which can run code")
     trust_remote_code: bool = opt(False, "allow model code from the hub")
     out: str = opt("", "output folder for the pruned model, pruning.json and distances.png")
+    overwrite: bool = opt(False, "replace an existing --out that prune did not write", keyed=False)
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
@@ -60,12 +63,19 @@ class PruneConfig:
             raise ValueError("calibration_samples, max_length and batch_size must be positive")
 
 
-def calibration_batches(cfg: PruneConfig, tokenizer: Any, device: str) -> list[dict[str, torch.Tensor]]:
-    """Calibration texts tokenized, sorted by length and right-padded into batches."""
+def calibration_examples(cfg: PruneConfig) -> list[Any]:
+    """The calibration rows (read before the model loads, so a bad file is named at once)."""
     pool = None if cfg.shuffle else cfg.calibration_samples
     examples = load_examples(cfg.calibration, cfg.recipe, limit=pool, split=cfg.split, on_bad_row=cfg.on_bad_row)
     if cfg.shuffle and len(examples) > cfg.calibration_samples:
         examples = random.Random(cfg.seed).sample(examples, cfg.calibration_samples)
+    return examples
+
+
+def calibration_batches(cfg: PruneConfig, tokenizer: Any, device: str,
+                        examples: list[Any] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Calibration texts tokenized, sorted by length and right-padded into batches."""
+    examples = calibration_examples(cfg) if examples is None else examples
     texts = [render_text(e, tokenizer, cfg.chat_template) for e in examples]
     encoded = [tokenizer(t, truncation=True, max_length=cfg.max_length, add_special_tokens=False)["input_ids"]
                for t in texts]
@@ -107,6 +117,13 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     started = time.time()
     if not cfg.out:
         raise UserError("give --out DIR for the pruned model")
+    choose_block(cfg, total=sys.maxsize)  # what needs no model (n or START:END given, scorer has data) is checked now
+    with claim_output(cfg.out, "prune", folder=True, overwrite=cfg.overwrite):
+        return _prune(cfg, started)
+
+
+def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
+    examples = calibration_examples(cfg) if cfg.calibration else None
     device = resolve_device(cfg.device)
     model, tok = load_model(cfg.model, cfg.dtype, device, allow_pickle=cfg.allow_pickle,
                             trust_remote_code=cfg.trust_remote_code)
@@ -114,7 +131,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     n, explicit = choose_block(cfg, total)
     scores: LayerScores | None = None
     if cfg.calibration:
-        scores = SCORERS[cfg.scorer](model, calibration_batches(cfg, tok, device), n)
+        scores = SCORERS[cfg.scorer](model, calibration_batches(cfg, tok, device, examples), n)
     removed = explicit if explicit is not None else scores.removed
     before = count_parameters(model)
     remove_layers(model, removed)
@@ -130,7 +147,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
         if scores is not None:
             plot_scores(scores, tmp / "distances.png")
         inputs = {"calibration": cfg.calibration} if cfg.calibration and Path(cfg.calibration).exists() else {}
-        write_manifest(tmp, config=to_dict(cfg), inputs=inputs, seed=cfg.seed, started=started)
+        write_manifest(tmp, config=to_dict(cfg), inputs=inputs, seed=cfg.seed, started=started, writer="prune")
     log.info("pruned %s: removed %s -> %d layers, %s -> %s parameters, saved to %s", cfg.model,
              format_range(removed), total - n, f"{before['total']:,}", f"{after['total']:,}", cfg.out)
     return {"out": cfg.out, "removed_layers": removed, "removed": format_range(removed),
