@@ -259,3 +259,106 @@ def test_real_parent_bf16_resume_equals_the_uninterrupted_run(real_model_dir, gs
     out.write_bytes(b"".join(full.read_bytes().splitlines(keepends=True)[:13]))
     assert distill(_distill_cfg(real_model_dir, gsm8k_train, out, **cfg))["resumed_after"] == 13
     assert out.read_bytes() == full.read_bytes()
+
+
+# 6. Bad values and unusable paths are named at once, before a model loads -----------------------------------
+
+
+def test_bad_finetune_values_are_one_line_errors(tiny_model_dir, train_data, tmp_path, capsys, no_model_loads):
+    base = ["finetune", "--model", str(tiny_model_dir), "--data", str(train_data), "--out", str(tmp_path / "o")]
+    for flags, message in [(["--limit", "0"], "limit must be at least 1"), (["--limit", "-2"], "limit must be"),
+                           (["--learning-rate", "-1"], "learning_rate and epochs must be positive"),
+                           (["--max-steps", "0"], "max_steps must be -1")]:
+        assert message in _error(capsys, base + flags)
+    missing = tmp_path / "missing.jsonl"
+    assert f"--data {missing}: file not found" in _error(capsys, [*base[:3], "--data", str(missing), *base[5:]])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(_rows(1)[0]) + "\n" + '{"id": "r1", "messages": [], "original": "x", "response": "y"}\n')
+    assert "bad.jsonl:2: field 'messages'" in _error(capsys, [*base[:3], "--data", str(bad), *base[5:]])
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_outputs_are_refused_before_a_model_loads(tiny_model_dir, gsm8k_train, tmp_path, capsys,
+                                                             no_model_loads):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    prune = ["prune", "--model", str(tiny_model_dir), "--layers", "1:3"]
+    assert f"{a_file} is a file, not a folder" in _error(capsys, [*prune, "--out", str(a_file / "child")])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    message = _error(capsys, ["profile", "--model", str(tiny_model_dir), "--out", str(folder)])
+    assert f"--out {folder} is a folder; give a file name" in message
+    read_only = [Path("/sys/selfdistill-test")] if not os.access("/sys", os.W_OK) or os.geteuid() == 0 else []
+    if os.geteuid() != 0:  # root writes through permission bits; /sys refuses even root
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        read_only.append(locked)
+    for parent in read_only:
+        out = parent / "d.jsonl"
+        message = _error(capsys, ["distill", "--teacher", str(tiny_model_dir), "--dataset", str(gsm8k_train),
+                                  "--limit", "1", "--out", str(out)])
+        assert f"cannot write --out {out}: folder" in message and "is not writable" in message
+
+
+def test_inputs_are_checked_before_a_model_loads(tiny_model_dir, gsm8k_train, tmp_path, capsys, no_model_loads):
+    missing = tmp_path / "missing.jsonl"
+    message = _error(capsys, ["prune", "--model", str(tiny_model_dir), "--num-layers", "2", "--calibration",
+                              str(missing), "--out", str(tmp_path / "p")])
+    assert f"dataset not found: {missing}" in message
+    other = tmp_path / "other-vocab"
+    shutil.copytree(tiny_model_dir, other)
+    tok_file = other / "tokenizer.json"
+    data = json.loads(tok_file.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    tok_file.write_text(json.dumps(data))
+    message = _error(capsys, ["speculate", "--target", str(tiny_model_dir), "--draft", str(other), "--prompts",
+                              str(gsm8k_train), "--recipe", "gsm8k", "--limit", "1"])
+    assert f"draft '{other}' has a different tokenizer" in message
+    not_a_run = tmp_path / "not-a-run"
+    not_a_run.mkdir()
+    assert "is not a run directory" in _error(capsys, ["report", str(not_a_run)])
+    assert not (not_a_run / "report").exists()
+
+
+def test_auto_map_is_named_when_ignored(tiny_model_dir, tmp_path, caplog):
+    from selfdistill.models import load_model
+
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, custom)
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "m.Custom"}}))
+    with caplog.at_level("WARNING"):
+        load_model(custom)
+    assert "names custom model code (auto_map: AutoModelForCausalLM); it is not run" in caplog.text
+
+
+# 7. Pickle-only weights are refused wherever a library would load the path itself ---------------------------
+
+
+@pytest.fixture()
+def pickle_only(tiny_model_dir, tmp_path) -> Path:
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_pickle_only_weights_are_refused_before_lm_eval_or_vllm_load_them(pickle_only, gsm8k_train, data_dir,
+                                                                           tmp_path, monkeypatch, no_model_loads):
+    from selfdistill.evaluate import EvalConfig, evaluate
+    from selfdistill.evaluate.runner import make_lm
+
+    refused = "holds only pickle weights"
+    with pytest.raises(UserError, match=refused):
+        evaluate(EvalConfig(model=[str(pickle_only)], data_dir=str(data_dir), out=str(tmp_path / "e")))
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(UserError, match=refused):  # not "vLLM is not installed": the path is checked first
+        make_lm("m", str(pickle_only), backend="vllm", dtype="float32", device="cpu", batch_size=1, max_length=None)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # data parallel: HFLM(pretrained=path) loads the folder itself
+    with pytest.raises(UserError, match=refused):
+        make_lm("m", str(pickle_only), backend="hf", dtype="float32", device="cpu", batch_size=1, max_length=None)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(UserError, match=refused):
+        distill(_distill_cfg(pickle_only, gsm8k_train, tmp_path / "d.jsonl", backend="vllm"))
