@@ -3,8 +3,9 @@
 Every stage calls `claim_output` once, before its first model loads, and holds the returned `Claim` while it
 writes. The claim
 
-- refuses an existing path this stage did not write (no record, no manifest naming the stage, not empty)
-  unless the user passed `--overwrite`, and a path whose folder cannot be written;
+- refuses an existing path this stage did not write (no record, no manifest naming the stage, not empty,
+  not a stage folder of `selfdistill run`) unless the user passed `--overwrite`, and a path whose folder
+  cannot be written;
 - takes an exclusive `fcntl.flock` on a sibling `.NAME.lock` holding pid, host and command. The kernel drops
   the lock when the process dies, so a `kill -9` leaves no stale lock; a second writer is refused, named;
 - for resumable outputs, compares the settings recorded when the output was started with the current ones
@@ -166,6 +167,8 @@ def owner(path: Path, folder: bool, recognize: Recognize | None = None) -> str |
     if record and record.get("writer"):
         return str(record["writer"])
     if folder and path.is_dir():
+        if (path / ".stage_key").is_file():
+            return "?"  # a stage folder of `selfdistill run`: its stage key already decided it may be reused
         manifest = read_manifest(path)
         writer = _manifest_writer(manifest, path) if manifest else None
         if writer or not _visible(path):
