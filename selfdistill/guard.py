@@ -110,6 +110,9 @@ def acquire_lock(path: Path, what: str) -> int:
             os.close(fd)
             raise UserError(f"{path} is being written by {_holder(lock)}; wait for it to finish or use "
                             f"another {what}") from None
+        except OSError as e:  # a filesystem without flock (some network mounts): run, but say so
+            log.warning("%s: cannot take the lock (%s); a second writer would not be refused", path, e.strerror)
+            return fd
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:

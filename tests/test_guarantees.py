@@ -362,3 +362,13 @@ def test_pickle_only_weights_are_refused_before_lm_eval_or_vllm_load_them(pickle
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(UserError, match=refused):
         distill(_distill_cfg(pickle_only, gsm8k_train, tmp_path / "d.jsonl", backend="vllm"))
+
+
+def test_distill_never_appends_to_its_own_dataset(tiny_model_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n"
+                            for i in range(3)))
+    before = data.read_bytes()
+    with pytest.raises(UserError, match="data.jsonl already exists and was not written by distill"):
+        distill(_distill_cfg(tiny_model_dir, data, data, limit=3))  # its ids match the input's: still not a distill output
+    assert data.read_bytes() == before

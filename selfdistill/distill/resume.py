@@ -35,13 +35,20 @@ def settings(cfg: Any, dtype: str) -> dict[str, Any]:
     return {**values, "dtype": dtype}  # resolved: "auto" is bf16 on one machine and fp32 on another
 
 
+ROW_FIELDS = ("id", "messages", "original", "rewrite", "used", "response")
+
+
 def recognize_output(path: Path) -> bool:
-    """A distill JSONL written before outputs carried a record: every complete line is a distilled row."""
+    """A distill JSONL written before outputs carried a record: every complete line is a distilled row.
+
+    The contract fields are required, not just an `id`: a dataset file given as --out has ids too."""
     try:
         rows, _ = read_complete(path)
     except UserError:
         return False
-    return bool(rows) or path.stat().st_size == 0
+    if not rows:
+        return path.stat().st_size == 0
+    return all(all(k in row for k in ROW_FIELDS) for row in rows)
 
 
 def recognize_stats(path: Path) -> bool:
