@@ -3,7 +3,9 @@
 Thangarasa et al., arXiv 2410.09982 §2, after SDFT (Yang et al., arXiv 2402.13669). `distill(cfg)`
 writes `cfg.out` (JSONL, one row per input, in input order, appended as rows finish, resumable) and
 `stats.json` beside it. Under `accelerate launch`/`torchrun` each process rewrites one contiguous
-shard into `<out>.partR-of-N` and rank 0 appends the shards to `out` in input order.
+shard into `<out>.partR-of-N` and rank 0 appends the shards to `out` in input order. The output is claimed
+first (guard.py: no foreign file replaced, one writer, recorded settings checked) and rows are generated in
+fixed blocks (resume.py), so a resumed run writes what the uninterrupted run writes.
 """
 
 from __future__ import annotations
