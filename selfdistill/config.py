@@ -20,13 +20,16 @@ from selfdistill.errors import UserError
 T = TypeVar("T")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", keyed_when_changed: bool = False, **kwargs: Any) -> Any:
+def opt(default: Any = dataclasses.MISSING, help: str = "", keyed_when_changed: bool = False, keyed: bool = True,
+        **kwargs: Any) -> Any:
     """A dataclass field with a help text (shown by `--help`); list/dict defaults are copied per instance.
 
     `keyed_when_changed`: the field enters a stage key (`key_dict`) only when set away from its default. For
     settings added after runs exist: at the default, those runs keep their keys and are not redone.
+    `keyed=False`: never in a stage key — flags on how to treat an existing output (`overwrite`, `restart`)
+    change no result.
     """
-    meta = {"help": help, "keyed_when_changed": keyed_when_changed}
+    meta = {"help": help, "keyed_when_changed": keyed_when_changed, "keyed": keyed}
     if isinstance(default, (list, dict)):
         value = default.copy()
         return dataclasses.field(default_factory=lambda: value.copy(), metadata=meta, **kwargs)
@@ -141,8 +144,8 @@ def key_dict(cfg: Any) -> dict[str, Any]:
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
                 prune(value, plain[f.name])
-            elif f.metadata.get("keyed_when_changed") and f.default is not dataclasses.MISSING \
-                    and value == f.default:
+            elif not f.metadata.get("keyed", True) or (f.metadata.get("keyed_when_changed") and value == f.default
+                                                        and f.default is not dataclasses.MISSING):
                 del plain[f.name]
 
     prune(cfg, out)

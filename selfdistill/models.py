@@ -119,7 +119,8 @@ def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", *,
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
     source = resolve_model(name)
-    _refuse_pickle(source, allow_pickle)
+    check_safe_weights(source, allow_pickle)
+    _warn_auto_map(source, trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
@@ -138,7 +139,23 @@ def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", *,
     return model, tok
 
 
-def _refuse_pickle(source: str, allow_pickle: bool) -> None:
+def load_tokenizer(name: str | Path, trust_remote_code: bool = False) -> Any:
+    """Only the tokenizer (a second at most): lets a stage compare vocabularies before any model loads."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the tokenizer of '{name}': {first}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_safe_weights(source: str | Path, allow_pickle: bool = False) -> None:
+    """Refuse a folder holding only pickle weights; call before handing a path to any library's loader."""
     path = Path(source)
     if allow_pickle or not path.is_dir():
         return
@@ -147,6 +164,21 @@ def _refuse_pickle(source: str, allow_pickle: bool) -> None:
     if has_pickle and not has_safe:
         raise UserError(f"{path} holds only pickle weights (.bin), which can run code on load; "
                         "pass --allow-pickle if you trust it")
+
+
+def _warn_auto_map(source: str, trust_remote_code: bool) -> None:
+    """A config's `auto_map` names custom model code; without trust_remote_code it is not run — say so."""
+    config = Path(source) / "config.json"
+    if trust_remote_code or not config.is_file():
+        return
+    try:
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return
+    if auto_map:
+        log.warning("%s: config.json names custom model code (auto_map: %s); it is not run, the built-in "
+                    "architecture is loaded instead (pass --trust-remote-code where offered to run it)",
+                    source, ", ".join(sorted(auto_map)))
 
 
 def save_model(model: Any, tokenizer: Any, out: str | Path, card: dict[str, Any] | None = None) -> Path:

@@ -28,6 +28,7 @@ from selfdistill.errors import UserError
 from selfdistill.evaluate import EvalConfig, default_data_dir, evaluate
 from selfdistill.evaluate.drift import DriftConfig, PromptSet, run_drift
 from selfdistill.finetune import FinetuneConfig, finetune
+from selfdistill.guard import lock_run_dir
 from selfdistill.merge import MergeConfig, merge
 from selfdistill.models import DEFAULT_MODEL
 from selfdistill.profile import ProfileConfig, profile
@@ -182,6 +183,11 @@ class Stages:
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Run (or resume) the whole method; returns the paths of the report and of every child."""
+    with lock_run_dir(cfg.run_dir):  # one `selfdistill run` per run directory; a second is refused, named
+        return _run_locked(cfg)
+
+
+def _run_locked(cfg: PipelineConfig) -> dict[str, Any]:
     root = Path(cfg.run_dir)
     data_dir = default_data_dir(cfg.data_dir)
     sources = {d.name: resolve_dataset(d, data_dir) for d in cfg.datasets}  # fail before any stage starts
@@ -259,7 +265,7 @@ def _finetune(s: Stages, cfg: PipelineConfig, arm: str, data: Path, after: tuple
     name = f"{arm}{suffix}"
     kd = {"kd_weight": cfg.kd_weight, "teacher": cfg.parent} if with_kd else {"kd_weight": 0.0, "teacher": None}
     config = stage_config(cfg, "finetune", model=s.root / "pruned", data=data, responses=responses, seed=cfg.seed,
-                          out=s.root / name, resume=True, **kd)
+                          out=s.root / name, resume=True, restart=True, **kd)  # restart: checkpoints of another key
     s.run(name, "finetune", config, finetune, after=("pruned", *after))
     return str(s.root / name)
 

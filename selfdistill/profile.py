@@ -58,6 +58,7 @@ class ProfileConfig:
     executed_flops: bool = opt(True, "count executed FLOPs with torch's FlopCounterMode (eager attention)")
     latency: bool = opt(True, "measure prefill and decode tokens/s")
     out: Path | None = opt(None, "JSON file for the results (a Markdown table is written beside it)")
+    overwrite: bool = opt(False, "replace an existing --out that profile did not write", keyed=False)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -171,6 +172,21 @@ def _relative(rows: list[dict[str, Any]]) -> None:
 
 def profile(cfg: ProfileConfig) -> dict[str, Any]:
     """Parameters, FLOPs per token (paper and executed) and latency of each model, all in one process."""
+    from selfdistill.guard import claim_output
+    from selfdistill.models import resolve_model
+
+    for name in cfg.model:
+        resolve_model(name)  # a missing model is named before the others load
+    if cfg.out is None:
+        return _profile(cfg)
+    out = Path(cfg.out)
+    with claim_output(out, "profile", folder=False, overwrite=cfg.overwrite,
+                      companions=[(out.with_suffix(".md"), None)]) as claim:
+        claim.commit()
+        return _profile(cfg)
+
+
+def _profile(cfg: ProfileConfig) -> dict[str, Any]:
     from selfdistill.models import load_model, resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)

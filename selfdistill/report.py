@@ -17,6 +17,7 @@ from typing import Any
 from selfdistill.config import opt
 from selfdistill.errors import UserError
 from selfdistill.evaluate.outputs import distinct_pairs
+from selfdistill.guard import claim_output
 from selfdistill.report_measures import Block, drift_blocks, first_drift_set, pruning_check_blocks
 from selfdistill.report_measures import fmt as _fmt
 from selfdistill.rundir import atomic_path, atomic_write_text, read_manifest
@@ -26,6 +27,7 @@ from selfdistill.rundir import atomic_path, atomic_write_text, read_manifest
 class ReportConfig:
     run_dir: str = opt("", "the run directory written by `selfdistill run`")
     out: str = opt("", "output folder (default: RUN_DIR/report)")
+    overwrite: bool = opt(False, "write into an existing --out that report did not write", keyed=False)
 
     POSITIONAL = "run_dir"
 
@@ -250,8 +252,16 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
     run = Path(cfg.run_dir)
     if not run.is_dir():
         raise UserError(f"run directory not found: {run}")
+    if not (run / "config.yaml").is_file() and not any(read_manifest(p) for p in run.iterdir() if p.is_dir()):
+        raise UserError(f"{run} is not a run directory (no config.yaml and no stage folder with a manifest.json); "
+                        "give the run_dir of `selfdistill run`")
     out = Path(cfg.out) if cfg.out else run / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_output(out, "report", folder=True, overwrite=cfg.overwrite) as claim:
+        claim.commit()
+        return _report(run, out)
+
+
+def _report(run: Path, out: Path) -> dict[str, Any]:
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
     headers, rows, scores = _model_rows(run)
     blocks: list[Block] = [("h1", f"selfdistill report: {run.name}"),

@@ -1,9 +1,13 @@
-"""Atomic artifacts and stage manifests.
+"""Atomic artifacts, stage manifests, and the output guard every stage claims its output with.
 
 A stage folder is complete only when its `manifest.json` exists; every file is written to a
 temporary name in the same folder and renamed, so a killed run never leaves a file that looks
 finished. The manifest records the resolved config, package versions, seed, input hashes and
 wall time, which is what lets a rerun decide whether a stage can be skipped.
+
+Whether a stage may write a path at all is decided in one place, `selfdistill.guard.claim_output`
+(docs/guarantees.md): it refuses paths another stage or the user made, takes a per-output lock, and
+compares a resumable output's recorded settings with the current ones.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
         else:
             os.replace(tmp, path)
     except BaseException:
@@ -78,6 +82,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def remove_path(path: str | Path) -> None:
+    """Remove a file or a folder tree, whichever `path` is (an --overwrite may replace either)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def package_versions() -> dict[str, str]:
@@ -108,9 +122,13 @@ def hash_path(path: str | Path) -> str:
 
 
 def write_manifest(stage_dir: str | Path, *, config: dict[str, Any], inputs: dict[str, str | Path] = {},
-                   seed: int | None = None, started: float, extra: dict[str, Any] | None = None) -> Path:
-    """Mark `stage_dir` complete: resolved config, versions, seed, input hashes, wall time."""
+                   seed: int | None = None, started: float, extra: dict[str, Any] | None = None,
+                   writer: str | None = None) -> Path:
+    """Mark `stage_dir` complete: resolved config, versions, seed, input hashes, wall time.
+
+    `writer` names the stage, so a later run knows whose folder this is (see `claim_output`)."""
     manifest = {
+        **({"writer": writer} if writer else {}),
         "config": config,
         "seed": seed,
         "inputs": {k: {"path": str(v), "sha256": hash_path(v)} for k, v in inputs.items()},

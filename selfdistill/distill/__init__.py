@@ -3,11 +3,14 @@
 Thangarasa et al., arXiv 2410.09982 §2, after SDFT (Yang et al., arXiv 2402.13669). `distill(cfg)`
 writes `cfg.out` (JSONL, one row per input, in input order, appended as rows finish, resumable) and
 `stats.json` beside it. Under `accelerate launch`/`torchrun` each process rewrites one contiguous
-shard into `<out>.partR-of-N` and rank 0 appends the shards to `out` in input order.
+shard into `<out>.partR-of-N` and rank 0 appends the shards to `out` in input order. The output is claimed
+first (guard.py: no foreign file replaced, one writer, recorded settings checked) and rows are generated in
+fixed blocks (resume.py), so a resumed run writes what the uninterrupted run writes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -17,13 +20,15 @@ from typing import Any
 
 from selfdistill.config import opt, to_dict
 from selfdistill.data import Example, load_examples
+from selfdistill.distill import resume
 from selfdistill.distill.backends import BACKENDS, vllm_layout
 from selfdistill.distill.generate import GenParams
 from selfdistill.distill.prompts import RewritePrompt, check_template, render_rewrite
 from selfdistill.distill.records import check_prefix, make_row, open_for_append, read_complete, summarize, sync, write_row
 from selfdistill.distill.verify import DEFAULT_VERIFIERS, VERIFIERS, VerifyOptions, verify
 from selfdistill.errors import UserError
-from selfdistill.models import DEFAULT_MODEL, resolve_device, resolve_dtype
+from selfdistill.guard import claim_output
+from selfdistill.models import DEFAULT_MODEL, check_safe_weights, resolve_device, resolve_dtype, resolve_model
 from selfdistill.rundir import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,9 @@ class DistillConfig:
     dtype: str = opt("auto", "auto (bf16 where native), float32, bfloat16, float16")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     seed: int = opt(0, "sampling seed")
+    overwrite: bool = opt(False, "replace an existing --out that distill did not write", keyed=False)
+    restart: bool = opt(False, "when --out holds rows made with other settings, start over instead of refusing",
+                        keyed=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -120,13 +128,33 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     examples = load_examples(cfg.dataset, cfg.recipe, fields=_field_map(cfg.fields), limit=cfg.limit,
                              offset=cfg.offset, split=cfg.split, subset=cfg.subset, on_bad_row=cfg.on_bad_row,
                              system_prompt=cfg.system_prompt)
-    done_rows, keep_bytes = read_complete(out)
+    # A missing or pickle-only teacher is named now, before the output is touched (vLLM loads it itself).
+    check_safe_weights(resolve_model(cfg.teacher))
+    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    with claim_output(out, "distill", folder=False, settings=resume.settings(cfg, dtype), overwrite=cfg.overwrite,
+                      restart=cfg.restart, recognize=resume.recognize_output,
+                      companions=[(out.parent / "stats.json", resume.recognize_stats)]) as claim:
+        return _distill(cfg, claim, examples, prompt, started)
+
+
+def _distill(cfg: DistillConfig, claim: Any, examples: list[Example], prompt: RewritePrompt,
+             started: float) -> dict[str, Any]:
+    out = claim.path
+    done_rows, keep_bytes = ([], 0) if claim.fresh else read_complete(out)
     check_prefix(out, done_rows, examples)
     state, rank, world = _world(cfg.device, cfg.backend)
+    if state is not None:
+        state.wait_for_everyone()  # every rank has read the output before rank 0 discards or records it
     shard, shards, writer = (rank, world, True) if cfg.backend != "vllm" \
         else vllm_layout(rank, world, cfg.tensor_parallel_size)
-    todo = list(range(len(done_rows), len(examples)))
+    # One process: fixed blocks from row 0, so a resume writes what the uninterrupted run writes (resume.py).
+    block = resume.block_rows(cfg.batch_size) if world == 1 and cfg.backend == "hf" else None
+    todo = list(range(resume.resume_start(len(done_rows), block) if block else len(done_rows), len(examples)))
     todo = todo[shard * len(todo) // shards:(shard + 1) * len(todo) // shards]
+    if claim.fresh:  # --restart/--overwrite: the old rows go only now, once every input has been checked
+        for path in ([out] if rank == 0 else []) + [_part(out, shard, shards)]:
+            path.unlink(missing_ok=True)
+    claim.commit()
     gen_stats = {"generated_tokens": 0, "generation_s": 0.0}
     if todo or (cfg.backend == "vllm" and world > 1):  # vLLM's ranks build their engines together
         device = resolve_device(cfg.device)
@@ -134,9 +162,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             device = str(state.device)  # cuda:<local rank>
         dtype = resolve_dtype(cfg.dtype, device)
         tok, generate = BACKENDS[cfg.backend](cfg.teacher, dtype, device, cfg.tensor_parallel_size, cfg.seed)
+        if block:
+            generate = functools.partial(resume.in_blocks, generate, block=block)
         target = (out if shards == 1 else _part(out, shard, shards)) if writer else out.with_name(f"{out.name}.copy{rank}")
         gen_stats = _run(cfg, examples, todo, prompt, tok, generate, target,
-                         keep_bytes if shards == 1 and writer else None)
+                         keep_bytes if shards == 1 and writer else None, done_rows)
         if not writer:  # a copy of its replica's rows
             target.unlink(missing_ok=True)
             gen_stats = {"generated_tokens": 0, "generation_s": 0.0}
@@ -189,8 +219,10 @@ def _merge_parts(out: Path, keep_bytes: int, world: int) -> None:
 
 
 def _run(cfg: DistillConfig, examples: list[Example], todo: list[int], prompt: RewritePrompt, tok: Any,
-         generate: Any, target: Path, keep_bytes: int | None) -> dict[str, Any]:
-    """Generate rewrites for `todo`, verify them, append rows to `target` in input order."""
+         generate: Any, target: Path, keep_bytes: int | None, written: list[dict[str, Any]]) -> dict[str, Any]:
+    """Generate rewrites for `todo`, verify them, append rows to `target` in input order.
+
+    Rows of `todo` already in `written` (a resumed block's finished rows) are checked, not appended again."""
     from tqdm.auto import tqdm
 
     if keep_bytes is None:  # this rank's shard file: resume it if it holds our rows
@@ -221,7 +253,11 @@ def _run(cfg: DistillConfig, examples: list[Example], todo: list[int], prompt: R
                                           len(res.tokens))
             generated += len(res.tokens)
             while pos < len(todo) and todo[pos] in pending:  # write in input order
-                write_row(f, pending.pop(todo[pos]))
+                index, row = todo[pos], pending.pop(todo[pos])
+                if index < len(written):
+                    resume.same_row(written[index], row, index + 1, target)
+                else:
+                    write_row(f, row)
                 pos += 1
             bar.update(1)
             bar.set_postfix(tok_s=f"{generated / max(time.time() - t0, 1e-9):.0f}")

@@ -58,7 +58,10 @@ def open_vllm(teacher: str, dtype: str, device: str, tensor_parallel_size: int =
     except ImportError:
         raise UserError("backend 'vllm' needs vLLM, which is not installed "
                         "(pip install 'selfdistill[vllm]', Linux + CUDA)") from None
-    from selfdistill.models import resolve_model
+    from selfdistill.models import check_safe_weights, resolve_model
+
+    source = resolve_model(teacher)
+    check_safe_weights(source)  # vLLM loads the folder itself: refuse pickle-only weights as load_model does
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     parallel: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size}
@@ -66,7 +69,7 @@ def open_vllm(teacher: str, dtype: str, device: str, tensor_parallel_size: int =
         replica, replicas, _ = vllm_layout(int(os.environ.get("RANK", "0")), world, tensor_parallel_size)
         # The same seed on every rank: a replica's ranks must sample the same tokens (vLLM's torchrun example).
         parallel.update(data_parallel_size=replicas, distributed_executor_backend="external_launcher", seed=seed)
-    llm = vllm.LLM(model=resolve_model(teacher), dtype=dtype, enforce_eager=False, **parallel)
+    llm = vllm.LLM(model=source, dtype=dtype, enforce_eager=False, **parallel)
     if world > 1:
         config = llm.llm_engine.vllm_config.parallel_config
         if (config.data_parallel_rank, config.data_parallel_size) != (replica, replicas):

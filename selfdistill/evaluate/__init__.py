@@ -47,6 +47,7 @@ class EvalConfig:
     bootstrap_iters: int = opt(2000, "paired bootstrap draws for retention differences")
     cache: bool = opt(True, "reuse cached scores of a model with the same hash and settings")
     out: str = opt("runs/evaluate", "output folder")
+    overwrite: bool = opt(False, "write into an existing --out that evaluate did not write", keyed=False)
 
     def __post_init__(self) -> None:
         if not self.model and not self.baseline:
@@ -185,10 +186,9 @@ def _finite(x: Any) -> Any:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.baseline` and every `cfg.model`; write results/, scores.json/.md/.png, manifest.json."""
-    from selfdistill.evaluate.outputs import bar_chart, write_markdown
-    from selfdistill.evaluate.runner import task_manager, vllm_steps_aside
-    from selfdistill.models import resolve_device, resolve_dtype, resolve_model
-    from selfdistill.rundir import atomic_write_json, write_manifest
+    from selfdistill.evaluate.runner import vllm_steps_aside
+    from selfdistill.guard import claim_output
+    from selfdistill.models import check_safe_weights, resolve_model
 
     started = time.time()
     if cfg.backend == "vllm" and vllm_steps_aside():
@@ -202,6 +202,20 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = list(dict.fromkeys(([cfg.baseline] if cfg.baseline else []) + list(cfg.model)))
     paths = {n: resolve_model(n) for n in names}  # fails early, naming the model
+    for path in paths.values():
+        check_safe_weights(path)  # lm-eval's own loaders (data parallel, vLLM) would skip load_model's check
+    with claim_output(cfg.out, "evaluate", folder=True, overwrite=cfg.overwrite) as claim:
+        claim.commit()  # results/ fills model by model: the record says whose folder it is meanwhile
+        return _evaluate_all(cfg, specs, data_dir, names, paths, started)
+
+
+def _evaluate_all(cfg: EvalConfig, specs: dict[str, TaskSpec], data_dir: Path | None, names: list[str],
+                  paths: dict[str, str], started: float) -> dict[str, Any]:
+    from selfdistill.evaluate.outputs import bar_chart, write_markdown
+    from selfdistill.evaluate.runner import task_manager
+    from selfdistill.models import resolve_device, resolve_dtype
+    from selfdistill.rundir import atomic_write_json, write_manifest
+
     device = resolve_device(cfg.device)
     settings = _settings(cfg, specs, resolve_dtype(cfg.dtype, device))
     tasks = {"specs": specs, "tm": task_manager(specs, data_dir), "objs": None, "samples": None}
@@ -230,7 +244,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     write_markdown(scores, out / "scores.md")
     bar_chart(scores, out / "scores.png")
     write_manifest(out, config=to_dict(cfg), inputs={n: p for n, p in paths.items() if Path(p).exists()},
-                   seed=cfg.seed, started=started)
+                   seed=cfg.seed, started=started, writer="evaluate")
     return _finite({"out": str(out), "average": {n: m["average"] for n, m in scores["models"].items()},
                     "retention": {n: m.get("retention") for n, m in scores["models"].items()},
                     "chance_tasks": scores.get("chance_tasks", [])})

@@ -48,6 +48,9 @@ def vllm_steps_aside() -> bool:
 def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batch_size: int,
             max_length: int | None, tensor_parallel_size: int = 1) -> Any:
     """An lm-eval LM: HFLM wrapping our loaded model, or lm-eval's vLLM backend."""
+    from selfdistill.models import check_safe_weights
+
+    check_safe_weights(path)  # lm-eval loads `path` itself below (vLLM, data parallel): same refusal as ours
     if backend == "vllm":
         try:
             from lm_eval.models.vllm_causallms import VLLM

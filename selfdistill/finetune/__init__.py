@@ -57,6 +57,10 @@ class FinetuneConfig:
     logging_steps: int = opt(1, "log the loss every N optimizer steps")
     report_to: list[str] = opt([], "extra loggers: tensorboard, wandb (train_log.jsonl is always written)")
     allow_pickle: bool = opt(False, "allow loading pickle (.bin) checkpoints, which can run code")
+    overwrite: bool = opt(False, "replace an existing --out (or OUT.checkpoints/) that finetune did not write",
+                          keyed=False)
+    restart: bool = opt(False, "--resume: when the checkpoints were made with other settings, start over "
+                        "instead of refusing", keyed=False)
 
     def __post_init__(self) -> None:
         if self.kd_loss not in DIVERGENCES:
@@ -73,6 +77,12 @@ class FinetuneConfig:
             raise ValueError("max_length must be at least 2 and lora_dropout in [0, 1)")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module (or all-linear)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+        if not self.learning_rate > 0 or self.warmup_steps < 0 or not self.epochs > 0:
+            raise ValueError("learning_rate and epochs must be positive and warmup_steps >= 0")
+        if self.max_steps == 0 or self.max_steps < -1 or self.logging_steps < 1:
+            raise ValueError("max_steps must be -1 (run by epochs) or positive, and logging_steps positive")
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -84,10 +94,30 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return train_and_save(cfg)
 
 
+# Config fields that do not shape the trained weights: where they go, bookkeeping and loading safety.
+NOT_SHAPING = ("out", "resume", "keep_checkpoints", "save_steps", "logging_steps", "report_to", "allow_pickle",
+               "overwrite", "restart", "device")
+
+
+def shaping_settings(cfg: FinetuneConfig, dtype: str) -> dict[str, Any]:
+    """What checkpoints record; `--resume` from checkpoints made with other values is refused (or restarted)."""
+    from selfdistill.config import to_dict
+    from selfdistill.rundir import hash_path
+
+    values = {k: v for k, v in to_dict(cfg).items() if k not in NOT_SHAPING}
+    return {**values, "dtype": dtype, "data_sha256": hash_path(cfg.data)}  # data edited in place is other data
+
+
 def checkpoint_dir(out: str | Path) -> Path:
     """Where intermediate checkpoints live: a sibling of the output folder, found again by --resume."""
     out = Path(out)
     return out.with_name(out.name + ".checkpoints")
+
+
+def recognize_checkpoints(path: Path) -> bool:
+    """A checkpoint folder made before outputs carried a record: only Trainer checkpoints and our log."""
+    return path.is_dir() and all(p.name.startswith(("checkpoint-", ".")) or p.name in ("train_log.jsonl", "runs")
+                                 for p in path.iterdir())
 
 
 __all__ = ["FinetuneConfig", "finetune", "checkpoint_dir"]

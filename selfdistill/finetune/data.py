@@ -85,6 +85,9 @@ def load_train_data(source: str | Path, responses: str, recipe: str | None = Non
     if responses not in RESPONSE_COLUMNS:
         raise UserError(f"--responses must be one of {', '.join(RESPONSE_COLUMNS)}, not '{responses}'")
     path = Path(str(source)).expanduser()
+    hub_like = "/" in str(source) and not str(source).startswith((".", "/", "~")) and path.suffix == ""
+    if not path.exists() and not hub_like:
+        raise UserError(f"--data {source}: file not found")
     if path.is_file() and _first_row(path) is None:
         raise UserError(f"{path}: the dataset is empty")
     if recipe is None and is_distill_output(source):

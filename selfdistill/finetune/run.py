@@ -20,9 +20,10 @@ from transformers.trainer_callback import ProgressCallback
 
 from selfdistill.config import dump_yaml, to_dict
 from selfdistill.errors import UserError
-from selfdistill.finetune import FinetuneConfig, checkpoint_dir
+from selfdistill.finetune import FinetuneConfig, checkpoint_dir, recognize_checkpoints, shaping_settings
 from selfdistill.finetune.data import TrainData, load_train_data
 from selfdistill.finetune.trainer import JsonlLogger, RecoveryTrainer, tokenize_row, truncate_log
+from selfdistill.guard import claim_output
 from selfdistill.models import drop_quantization, load_model, model_card, resolve_device, resolve_dtype
 from selfdistill.rundir import atomic_dir, atomic_write_text, write_manifest
 
@@ -136,13 +137,19 @@ class Prepared:
     resume_from: str | None
 
 
-def prepare(cfg: FinetuneConfig) -> Prepared:
-    """Validate every input and build the trainer; nothing is written before this succeeds."""
+def prepare(cfg: FinetuneConfig, fresh: bool = False) -> Prepared:
+    """Validate every input and build the trainer; nothing is written before this succeeds.
+
+    `fresh`: the checkpoints must not be resumed (their settings differ and --restart was given)."""
+    from transformers import set_seed
+
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    data = load_train_data(cfg.data, cfg.responses, cfg.recipe, cfg.limit)  # bad rows are named before a load
+    # The Trainer seeds torch only when it is built, after LoRA's random init: seed now, or two runs differ.
+    set_seed(cfg.seed)
     model, tok = load_model(cfg.model, dtype=dtype if cfg.method == "lora" else "float32",
                             allow_pickle=cfg.allow_pickle, attn_implementation="sdpa")
-    data = load_train_data(cfg.data, cfg.responses, cfg.recipe, cfg.limit)
     dataset = build_dataset(data.rows, tok, cfg.max_length, cfg.data)
     teacher = load_teacher(cfg, tok, model, dtype) if cfg.kd_weight > 0 else None
     if cfg.method == "lora":
@@ -150,7 +157,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
     ckpt = checkpoint_dir(cfg.out)
-    resume_from = prepare_checkpoints(ckpt, cfg.resume)
+    resume_from = prepare_checkpoints(ckpt, cfg.resume and not fresh)
     trainer = RecoveryTrainer(
         model=model, args=training_args(cfg, ckpt, device, dtype), train_dataset=dataset, processing_class=tok,
         callbacks=[JsonlLogger(ckpt / LOG_NAME)], teacher=teacher, kd_weight=cfg.kd_weight,
@@ -168,9 +175,23 @@ class _QuietProgress(ProgressCallback):
 
 
 def train_and_save(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Claim OUT and OUT.checkpoints/ (guard.py), train, and save; the claims are held until the end."""
     started = time.time()
-    p = prepare(cfg)
+    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    ckpt = checkpoint_dir(cfg.out)
+    with claim_output(cfg.out, "finetune", folder=True, overwrite=cfg.overwrite), \
+            claim_output(ckpt, "finetune", folder=True, settings=shaping_settings(cfg, dtype),
+                         overwrite=cfg.overwrite, restart=cfg.restart or not cfg.resume,
+                         recognize=recognize_checkpoints, what="--out (its checkpoints)",
+                         restart_hint="pass --restart (or drop --resume) to start over") as ckpt_claim:
+        return _train_claimed(cfg, ckpt_claim, started)
+
+
+def _train_claimed(cfg: FinetuneConfig, ckpt_claim: Any, started: float) -> dict[str, Any]:
+    p = prepare(cfg, fresh=ckpt_claim.fresh)
     trainer = p.trainer
+    trainer.accelerator.wait_for_everyone()  # every rank decided what to resume before rank 0 records
+    ckpt_claim.commit()  # OUT itself needs no record: it appears whole, with a manifest naming finetune
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=p.resume_from)
     train_s = time.time() - t0
@@ -255,7 +276,7 @@ def save_output(cfg: FinetuneConfig, staged: Path, tok: Any, data: TrainData, su
         atomic_write_text(tmp / "config.yaml", dump_yaml(cfg))
         inputs = {"model": cfg.model, "data": cfg.data, **({"teacher": cfg.teacher} if cfg.teacher else {})}
         write_manifest(tmp, config=to_dict(cfg), inputs={k: v for k, v in inputs.items() if Path(v).exists()},
-                       seed=cfg.seed, started=started, extra={"result": summary})
+                       seed=cfg.seed, started=started, extra={"result": summary}, writer="finetune")
 
 
 def card(cfg: FinetuneConfig, data: TrainData, summary: dict[str, Any], dtype: str) -> dict[str, Any]:

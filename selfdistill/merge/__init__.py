@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from selfdistill.config import opt, to_dict
 from selfdistill.errors import UserError
+from selfdistill.guard import claim_output
 from selfdistill.merge.linear import lerp
 from selfdistill.merge.slerp import slerp
 from selfdistill.rundir import atomic_dir, atomic_write_json, write_manifest
@@ -53,6 +54,7 @@ class MergeConfig:
     eval_data_dir: str = opt("", "offline data for the t-grid evaluation (evaluate's --data-dir)")
     dtype: str = opt("float32", "dtype to load, merge and save in: float32 or bfloat16")
     out: Path = opt(Path("merged"), "output model folder")
+    overwrite: bool = opt(False, "replace an existing --out that merge did not write", keyed=False)
 
     def __post_init__(self) -> None:
         if len(self.models) != 2:
@@ -181,7 +183,11 @@ def _mean_score(result: dict[str, Any], name: str) -> float:
 
 def merge(cfg: MergeConfig, scorer: Scorer | None = None) -> dict[str, Any]:
     """Merge `cfg.models` into `cfg.out` (HF folder + card + manifest.json last); grid-search t if asked."""
-    started = time.time()
+    with claim_output(cfg.out, "merge", folder=True, overwrite=cfg.overwrite):
+        return _merge(cfg, scorer, time.time())
+
+
+def _merge(cfg: MergeConfig, scorer: Scorer | None, started: float) -> dict[str, Any]:
     a, b, tok = _load_pair(cfg)
     inputs = {f"model_{i}": m for i, m in enumerate(cfg.models) if Path(m).exists()}
     with atomic_dir(cfg.out) as tmp:
@@ -195,7 +201,7 @@ def merge(cfg: MergeConfig, scorer: Scorer | None = None) -> dict[str, Any]:
             best_t, scores = cfg.t, {}
             _write_merged(a, b, tok, cfg, cfg.t, tmp)
         write_manifest(tmp, config=to_dict(cfg), inputs=inputs, started=started,
-                       extra={"t": best_t, "grid_scores": scores})
+                       extra={"t": best_t, "grid_scores": scores}, writer="merge")
     log.info("merged %s + %s (%s, t = %s) into %s", *cfg.models, cfg.method, best_t, cfg.out)
     return {"out": str(cfg.out), "method": cfg.method, "t": best_t, "t_groups": list(cfg.t_groups),
             "grid_scores": scores}

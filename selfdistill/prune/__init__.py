@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from selfdistill.config import opt, to_dict
 from selfdistill.data import load_examples
 from selfdistill.errors import UserError
+from selfdistill.guard import claim_output
 from selfdistill.models import DEFAULT_MODEL, decoder_layers, load_model, resolve_device, write_model
 from selfdistill.profile import count_parameters, paper_flops_per_token
 from selfdistill.prune import calibration
@@ -54,6 +56,7 @@ class PruneConfig:
     allow_pickle: bool = opt(False, "allow loading pickle (.bin) checkpoints, which can run code")
     trust_remote_code: bool = opt(False, "allow model code from the hub")
     out: str = opt("", "output folder for the pruned model, pruning.json and distances.png")
+    overwrite: bool = opt(False, "replace an existing --out that prune did not write", keyed=False)
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
@@ -70,14 +73,20 @@ class PruneConfig:
             raise ValueError("select_by heldout_loss needs heldout_samples and candidates above 0")
 
 
-def calibration_data(cfg: PruneConfig, tokenizer: Any, device: str) -> calibration.Calibration:
-    """The calibration sample and the held-out rows after it, tokenized with each row's content position."""
+def calibration_rows(cfg: PruneConfig) -> tuple[list[Any], list[Any]]:
+    """The calibration sample and the held-out rows after it (read before the model loads: a bad file is
+    named at once)."""
     wanted = cfg.calibration_samples + cfg.heldout_samples
     examples = load_examples(cfg.calibration, cfg.recipe, limit=None if cfg.shuffle else wanted, split=cfg.split,
                              on_bad_row=cfg.on_bad_row)
-    rows, heldout = calibration.split_rows(examples, cfg.calibration_samples, cfg.heldout_samples, cfg.shuffle,
-                                           cfg.seed)
-    data = calibration.build(rows, heldout, tokenizer, chat_template=cfg.chat_template, max_length=cfg.max_length,
+    return calibration.split_rows(examples, cfg.calibration_samples, cfg.heldout_samples, cfg.shuffle, cfg.seed)
+
+
+def calibration_data(cfg: PruneConfig, tokenizer: Any, device: str,
+                     rows: tuple[list[Any], list[Any]] | None = None) -> calibration.Calibration:
+    """Both row sets tokenized, with each row's content position."""
+    sample, heldout = calibration_rows(cfg) if rows is None else rows
+    data = calibration.build(sample, heldout, tokenizer, chat_template=cfg.chat_template, max_length=cfg.max_length,
                              batch_size=cfg.batch_size, device=device, source=str(cfg.calibration))
     log.info("calibration: %d samples, %d tokens, %d batches; %d held-out rows", data.samples, data.tokens,
              len(data.batches), len(heldout))
@@ -104,13 +113,20 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     started = time.time()
     if not cfg.out:
         raise UserError("give --out DIR for the pruned model")
+    choose_block(cfg, total=sys.maxsize)  # what needs no model (n or START:END given, scorer has data) is checked now
+    with claim_output(cfg.out, "prune", folder=True, overwrite=cfg.overwrite):
+        return _prune(cfg, started)
+
+
+def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
+    rows = calibration_rows(cfg) if cfg.calibration else None
     device = resolve_device(cfg.device)
     model, tok = load_model(cfg.model, cfg.dtype, device, allow_pickle=cfg.allow_pickle,
                             trust_remote_code=cfg.trust_remote_code)
     total = len(decoder_layers(model))
     n, explicit = choose_block(cfg, total)
     scores: LayerScores | None = None
-    data = calibration_data(cfg, tok, device) if cfg.calibration else None
+    data = calibration_data(cfg, tok, device, rows) if rows is not None else None
     if data is not None:
         scores = SCORERS[cfg.scorer](model, data.batches, n)
     removed = explicit if explicit is not None else scores.removed
@@ -133,7 +149,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
         elif scores is not None:  # a bare GPU environment: the picture is lost, not the pruned model
             log.warning("distances.png not written: matplotlib is not installed (the scores are in pruning.json)")
         inputs = {"calibration": cfg.calibration} if cfg.calibration and Path(cfg.calibration).exists() else {}
-        write_manifest(tmp, config=to_dict(cfg), inputs=inputs, seed=cfg.seed, started=started)
+        write_manifest(tmp, config=to_dict(cfg), inputs=inputs, seed=cfg.seed, started=started, writer="prune")
     log.info("pruned %s: removed %s -> %d layers, %s -> %s parameters, saved to %s", cfg.model,
              format_range(removed), total - n, f"{before['total']:,}", f"{after['total']:,}", cfg.out)
     return {"out": cfg.out, "removed_layers": removed, "removed": format_range(removed),

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from selfdistill.config import opt
 from selfdistill.errors import UserError
+from selfdistill.guard import claim_output
 from selfdistill.models import DEFAULT_MODEL, stop_token_ids
 from selfdistill.rundir import atomic_write_json, atomic_write_text
 from selfdistill.speculative.loop import ModelRunner, SpecStats, speculative_generate
@@ -41,6 +42,7 @@ class SpeculateConfig:
     device: str = opt("cpu", "device: cpu, cuda or auto")
     hf_assisted: bool = opt(False, "also time transformers' assisted generation (assistant_model=): a slow fp32 anchor")
     out: Path | None = opt(None, "JSON file for the results (a Markdown table is written beside it)")
+    overwrite: bool = opt(False, "replace an existing --out that speculate did not write", keyed=False)
 
     def __post_init__(self) -> None:
         if not self.draft:
@@ -155,11 +157,26 @@ def _run_draft(name: str, target: Any, prompts: list[list[int]], reference: list
 
 def speculate(cfg: SpeculateConfig) -> dict[str, Any]:
     """Compare each draft against the target on the same prompts; write `cfg.out` (JSON) and a table."""
+    from selfdistill.models import load_tokenizer
+
+    target_tok = load_tokenizer(cfg.target)
+    prompts, rows = load_prompts(cfg, target_tok)
+    for name in cfg.draft:  # a draft with another vocabulary is refused before the target's timed run
+        _check_tokenizer(name, load_tokenizer(name), target_tok, cfg.target)
+    if cfg.out is None:
+        return _speculate(cfg, prompts, rows)
+    out = Path(cfg.out)
+    with claim_output(out, "speculate", folder=False, overwrite=cfg.overwrite,
+                      companions=[(out.with_suffix(".md"), None)]) as claim:
+        claim.commit()
+        return _speculate(cfg, prompts, rows)
+
+
+def _speculate(cfg: SpeculateConfig, prompts: list[list[int]], rows: list[str]) -> dict[str, Any]:
     from selfdistill.models import load_model, resolve_device
 
     cfg_device = resolve_device(cfg.device)
     target, tok = load_model(cfg.target, dtype=cfg.dtype, device=cfg_device)
-    prompts, rows = load_prompts(cfg, tok)
     eos, pad = set(stop_token_ids(tok, target)), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     _hf_generate(target, prompts[0][:8], replace(cfg, max_new_tokens=2), eos, pad)  # warm-up, not timed
     reference, t_alone = _timed(lambda p: _hf_generate(target, p, cfg, eos, pad), prompts, "target alone")
