@@ -29,7 +29,12 @@ class FinetuneConfig:
     recipe: str | None = opt(None, "recipe for a plain dataset (gsm8k, dolly, alpaca, ...); detected when omitted")
     limit: int | None = opt(None, "train on the first N rows only")
     out: str = opt("", "output folder: the recovered model (LoRA merged), adapter/, train_log.jsonl, manifest")
-    method: Literal["lora", "full"] = opt("lora", "LoRA adapters (merged at the end) or full fine-tuning")
+    method: Literal["lora", "full", "partial"] = opt(
+        "lora", "LoRA adapters (merged at the end), full fine-tuning, or partial (train_layers in full rank)")
+    train_layers: str = opt("after_cut", "partial: last:N, after_cut (the child's layers after the pruned block) "
+                            "or START:END (end exclusive)")
+    train_lm_head: bool = opt(True, "partial: also train the LM head (untied from the embedding if tied)")
+    train_norm: bool = opt(True, "partial: also train the final norm")
     lora_r: int = opt(8, "LoRA rank (SDFT default 8)")
     lora_alpha: int = opt(16, "LoRA alpha (SDFT default 16)")
     lora_dropout: float = opt(0.05, "LoRA dropout")

@@ -22,6 +22,7 @@ from selfdistill.config import dump_yaml, to_dict
 from selfdistill.errors import UserError
 from selfdistill.finetune import FinetuneConfig, checkpoint_dir
 from selfdistill.finetune.data import TrainData, load_train_data
+from selfdistill.finetune.partial import freeze_for_partial, saved_model
 from selfdistill.finetune.trainer import JsonlLogger, RecoveryTrainer, tokenize_row, truncate_log
 from selfdistill.models import drop_quantization, load_model, model_card, resolve_device, resolve_dtype
 from selfdistill.rundir import atomic_dir, atomic_write_text, write_manifest
@@ -140,8 +141,11 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     """Validate every input and build the trainer; nothing is written before this succeeds."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tok = load_model(cfg.model, dtype=dtype if cfg.method == "lora" else "float32",
+    # LoRA and partial keep frozen weights in the compute dtype; full fine-tuning needs fp32 masters.
+    model, tok = load_model(cfg.model, dtype=dtype if cfg.method != "full" else "float32",
                             allow_pickle=cfg.allow_pickle, attn_implementation="sdpa")
+    if cfg.method == "partial":
+        freeze_for_partial(model, cfg.train_layers, cfg.train_lm_head, cfg.train_norm, cfg.model)
     data = load_train_data(cfg.data, cfg.responses, cfg.recipe, cfg.limit)
     dataset = build_dataset(data.rows, tok, cfg.max_length, cfg.data)
     teacher = load_teacher(cfg, tok, model, dtype) if cfg.kd_weight > 0 else None
@@ -197,9 +201,12 @@ def _sum_over_processes(trainer: Any, value: int) -> int:
 
 
 def merged_model(cfg: FinetuneConfig, trainer: Any, adapter_dir: Path) -> Any:
-    """LoRA: reload the child in fp32 and merge the saved adapter, so small deltas survive the merge."""
+    """LoRA: reload the child in fp32 and merge the saved adapter, so small deltas survive the merge;
+    partial: the fp32 reload with the trained tensors put in."""
     if cfg.method == "full":
         return trainer.model
+    if cfg.method == "partial":
+        return saved_model(cfg.model, trainer.model, cfg.train_lm_head, cfg.allow_pickle)
     from peft import PeftModel
 
     base, _ = load_model(cfg.model, dtype="float32", allow_pickle=cfg.allow_pickle, with_tokenizer=False)
@@ -232,6 +239,8 @@ def card(cfg: FinetuneConfig, data: TrainData, summary: dict[str, Any], dtype: s
         else "SFT baseline (original answers)"
     hyper = {k: getattr(cfg, k) for k in ("method", "learning_rate", "lr_scheduler", "epochs", "max_steps",
                                           "batch_size", "grad_accum", "max_length", "seed")}
+    if cfg.method == "partial":
+        hyper.update(train_layers=cfg.train_layers, train_lm_head=cfg.train_lm_head, train_norm=cfg.train_norm)
     if cfg.method == "lora":
         hyper.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                      target_modules=cfg.target_modules)
