@@ -81,3 +81,53 @@ def test_after_cut_reads_the_pruned_block(tiny_model_dir, tmp_path):
     (tmp_path / "pruning.json").write_text(json.dumps({"removed_layers": [2, 3]}))
     assert select_layers("after_cut", 4, str(tmp_path)) == [2, 3]
     assert select_layers("last:1", 4, str(tmp_path)) == [3] and select_layers("0:2", 4, "") == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def other_parent(tmp_path_factory) -> Path:
+    from tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("parent") / "llama6b", seed=7)
+
+
+def _kd_loss(prepared, n: int = 4) -> float:
+    trainer = prepared.trainer
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+    trainer._metrics["train"]["kd_loss"].clear()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    return trainer._metrics["train"]["kd_loss"][-1]
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_kd_from_the_full_cache_equals_kd_from_the_live_parent(tiny_model_dir, other_parent, distilled, tmp_path,
+                                                               padding_free):
+    common = dict(kd_weight=0.5, teacher=str(other_parent), kd_temperature=2.0, padding_free=padding_free,
+                  kd_loss="kl")
+    live = _kd_loss(prepare(cfg(tiny_model_dir, distilled, tmp_path / "live", **common)))
+    cached = prepare(cfg(tiny_model_dir, distilled, tmp_path / "c", kd_cache=True, kd_top_k=262, **common))
+    folder = distilled.with_name("distilled.kd-distilled-k262-t2")
+    assert (folder / "meta.json").is_file() and list(folder.glob("shard-*.safetensors"))
+    assert cached.trainer.teacher is None  # no parent in memory while training
+    assert live > 0.01 and abs(_kd_loss(cached) - live) < 1e-4 * live
+    top8 = prepare(cfg(tiny_model_dir, distilled, tmp_path / "c8", kd_cache=True, kd_top_k=8, **common))
+    assert 0 < _kd_loss(top8) <= live * 1.01  # 9 buckets: a coarser distribution, never a larger KL
+
+
+def test_kd_cache_is_reused_and_rejects_other_data_or_parent(tiny_model_dir, other_parent, distilled, tmp_path,
+                                                             monkeypatch):
+    from selfdistill.finetune import kdcache
+
+    common = dict(kd_weight=0.5, teacher=str(other_parent), kd_cache=True, kd_top_k=4)
+    finetune(cfg(tiny_model_dir, distilled, tmp_path / "a", max_steps=2, **common))
+    monkeypatch.setattr(kdcache, "build", lambda *a, **k: pytest.fail("the cache was rebuilt"))
+    result = finetune(cfg(tiny_model_dir, distilled, tmp_path / "b", max_steps=2, epochs=2.0, **common))
+    assert result["steps"] == 2
+    changed = write_jsonl(tmp_path / "other.jsonl", distill_rows(6))
+    folder = distilled.with_name("distilled.kd-distilled-k4-t1")
+    for data, teacher, message in [(changed, other_parent, "made from other data"),
+                                   (distilled, tiny_model_dir, "made with another parent")]:
+        with pytest.raises(UserError, match=message):
+            finetune(cfg(tiny_model_dir, data, tmp_path / "bad", **{**common, "teacher": str(teacher),
+                                                                     "kd_cache_dir": str(folder)}))
+        assert not (tmp_path / "bad").exists()

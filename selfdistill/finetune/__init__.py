@@ -59,6 +59,10 @@ class FinetuneConfig:
     kd_loss: str = opt("kl", f"divergence for KD: {', '.join(DIVERGENCES)}")
     kd_temperature: float = opt(1.0, "softmax temperature for KD")
     teacher: str | None = opt(None, "parent model for KD (required when kd_weight > 0; same tokenizer)")
+    kd_cache: bool = opt(False, "KD from the parent's cached top-k logits (built once beside the data) instead "
+                         "of running the parent every step")
+    kd_top_k: int = opt(64, "KD cache: parent log-probs kept per answer position (plus the remaining mass)")
+    kd_cache_dir: str | None = opt(None, "KD cache folder (default: beside the data, named by answers, k and T)")
     logging_steps: int = opt(1, "log the loss every N optimizer steps")
     report_to: list[str] = opt([], "extra loggers: tensorboard, wandb (train_log.jsonl is always written)")
     allow_pickle: bool = opt(False, "allow loading pickle (.bin) checkpoints, which can run code")
@@ -70,6 +74,8 @@ class FinetuneConfig:
             raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
         if self.kd_weight > 0 and not self.teacher:
             raise ValueError("kd_weight > 0 needs a teacher (the unpruned parent): set --teacher")
+        if self.kd_top_k < 1:
+            raise ValueError("kd_top_k must be at least 1")
         if self.kd_temperature <= 0:
             raise ValueError("kd_temperature must be positive")
         if min(self.lora_r, self.lora_alpha, self.batch_size, self.grad_accum, self.save_steps) <= 0:

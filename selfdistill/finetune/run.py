@@ -22,6 +22,7 @@ from selfdistill.config import dump_yaml, to_dict
 from selfdistill.errors import UserError
 from selfdistill.finetune import FinetuneConfig, checkpoint_dir
 from selfdistill.finetune.data import TrainData, load_train_data
+from selfdistill.finetune.kdcache import open_cache
 from selfdistill.finetune.partial import freeze_for_partial, saved_model
 from selfdistill.finetune.trainer import JsonlLogger, RecoveryTrainer, tokenize_row, truncate_log
 from selfdistill.models import drop_quantization, load_model, model_card, resolve_device, resolve_dtype
@@ -148,7 +149,11 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         freeze_for_partial(model, cfg.train_layers, cfg.train_lm_head, cfg.train_norm, cfg.model)
     data = load_train_data(cfg.data, cfg.responses, cfg.recipe, cfg.limit)
     dataset = build_dataset(data.rows, tok, cfg.max_length, cfg.data)
-    teacher = load_teacher(cfg, tok, model, dtype) if cfg.kd_weight > 0 else None
+    teacher = cache = None
+    if cfg.kd_weight > 0 and cfg.kd_cache:
+        cache = open_cache(cfg, dataset.to_list(), lambda: load_teacher(cfg, tok, model, dtype))
+    elif cfg.kd_weight > 0:
+        teacher = load_teacher(cfg, tok, model, dtype)
     if cfg.method == "lora":
         model = add_lora(model, cfg)
         if cfg.gradient_checkpointing:
@@ -157,7 +162,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     resume_from = prepare_checkpoints(ckpt, cfg.resume)
     trainer = RecoveryTrainer(
         model=model, args=training_args(cfg, ckpt, device, dtype), train_dataset=dataset, processing_class=tok,
-        callbacks=[JsonlLogger(ckpt / LOG_NAME)], teacher=teacher, kd_weight=cfg.kd_weight,
+        callbacks=[JsonlLogger(ckpt / LOG_NAME)], teacher=teacher, kd_cache=cache, kd_weight=cfg.kd_weight,
         kd_loss=cfg.kd_loss, kd_temperature=cfg.kd_temperature)
     # The default progress bar also prints every log dict to stdout, which is the CLI's JSON channel;
     # keep the bar, send the numbers to train_log.jsonl only.
