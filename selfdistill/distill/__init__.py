@@ -50,11 +50,14 @@ class DistillConfig:
     max_new_tokens: int = opt(512, "limit per rewrite")
     temperature: float = opt(0.0, "0 = greedy; SDFT sampled with 0.95")
     top_p: float = opt(1.0, "nucleus sampling mass (SDFT: 0.7)")
-    mode: str = opt("rewrite", "rewrite (the parent sees question + reference) or answer (the question only)")
-    samples: int = opt(1, "k: attempts per row; attempts 2..k are sampled only for rows still unverified")
-    sample_temperature: float = opt(0.95, "temperature of attempts 2..k (SDFT's 0.95)")
-    sample_top_p: float = opt(0.7, "nucleus mass of attempts 2..k (SDFT's 0.7)")
-    sample_block: int = opt(256, "rows whose k attempts finish before the next rows start (samples > 1)")
+    mode: str = opt("rewrite", "rewrite (the parent sees question + reference) or answer (the question only)",
+                    keyed_when_changed=True)
+    samples: int = opt(1, "k: attempts per row; attempts 2..k are sampled only for rows still unverified",
+                       keyed_when_changed=True)
+    sample_temperature: float = opt(0.95, "temperature of attempts 2..k (SDFT's 0.95)", keyed_when_changed=True)
+    sample_top_p: float = opt(0.7, "nucleus mass of attempts 2..k (SDFT's 0.7)", keyed_when_changed=True)
+    sample_block: int = opt(256, "rows whose k attempts finish before the next rows start (samples > 1)",
+                            keyed_when_changed=True)
     refill: int = opt(0, "hf: refill when this many slots are free (0 = batch_size/8)")
     draft_tokens: int = opt(GenParams.draft_tokens, "hf, greedy: prompt-lookup draft tokens per row and step, "
                             "kept only where the argmax agrees (0 = off)", keyed_when_changed=True)
@@ -153,7 +156,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             return {"rank": rank, "rows": len(todo), **gen_stats}
         _merge_parts(out, keep_bytes, world)
     rows, _ = read_complete(out)
-    stats = {**summarize(rows), **attempt_stats(rows, cfg.samples), "mode": cfg.mode, "rows_this_run": len(rows) - len(done_rows), "resumed_after": len(done_rows),
+    stats = {**summarize(rows), **attempt_stats(rows, cfg.samples), "mode": cfg.mode,
+             "rows_this_run": len(rows) - len(done_rows), "resumed_after": len(done_rows),
              **gen_stats, "tokens_per_s": round(gen_stats["generated_tokens"] / gen_stats["generation_s"], 1)
              if gen_stats["generation_s"] else None, "processes": world,
              "wall_time_s": round(time.time() - started, 2), "config": to_dict(cfg)}
