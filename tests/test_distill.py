@@ -446,3 +446,25 @@ def test_bad_best_of_k_input_is_rejected_before_writing(tiny_run, tiny_model_dir
         with pytest.raises(UserError, match=message):
             distill(_cfg(tiny_model_dir, gsm8k_train, out, **overrides))
         assert out.read_bytes() == partial
+
+
+@pytest.mark.slow
+def test_real_parent_best_of_k_on_gsm8k_rows(real_model_dir, gsm8k_train, tmp_path):
+    """SmolLM2-135M, 6 GSM8K rows, k = 4: every kept attempt reaches the reference's answer; more are kept."""
+    from selfdistill.distill.verify import final_answer, same_answer
+
+    out = tmp_path / "real.jsonl"
+    stats = distill(from_dict(DistillConfig, dict(teacher="smollm2-135m-instruct", dataset=str(gsm8k_train),
+                                                  recipe="gsm8k", offset=200, limit=6, batch_size=8, samples=4,
+                                                  max_new_tokens=200, out=str(out))))
+    rows, refs = _lines(out), [json.loads(x)["answer"] for x in gsm8k_train.read_text().splitlines()[200:206]]
+    assert [r["id"] for r in rows] == [f"gsm8k-{i}" for i in range(200, 206)]
+    for row, ref in zip(rows, refs):
+        if row["used"] == "rewrite":
+            assert same_answer(final_answer(row["rewrite"]), ref.split("####")[-1].strip())
+            assert row["attempt_reasons"][row["attempt"] - 1] is None
+            assert all(why is not None for why in row["attempt_reasons"][:row["attempt"] - 1])
+        assert row["attempts"] in (1, 2, 4) and len(row["attempt_tokens"]) == row["attempts"]
+    after = stats["kept_after_attempts"]
+    assert after == sorted(after) and after[-1] == stats["rewrites_kept"]
+    assert stats["prefilled_tokens"] > 0 and sum(stats["tokens_by_attempt"]) == stats["generated_tokens"]
