@@ -54,3 +54,35 @@ def test_bad_arms_are_rejected_before_any_stage(tmp_path, tiny_model_dir, data_d
     with pytest.raises(UserError, match=message):
         from_dict(PipelineConfig, data)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_recovery_study_config_asks_for_what_the_issue_asks():
+    """configs/smollm2-recovery.yaml: >= 4x the study's row-epochs per main arm, the four kinds of arm, a 3-point
+    SFT/SDD data-size curve, >= 1,000 evaluation items per signal task, best-of-k and self-answers."""
+    from selfdistill.config import load_config
+    from selfdistill.pipeline import stage_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    study, new = (load_config(PipelineConfig, root / f"smollm2-{n}.yaml") for n in ("study", "recovery"))
+
+    def row_epochs(cfg, arm):
+        limits = {d.name: d.limit for d in cfg.datasets}
+        rows = sum(min(limits[n], arm.rows or limits[n]) for n in arm.data)
+        return rows * stage_config(cfg, "finetune", arm.finetune, model="-", data="-", out="-").epochs
+
+    old = row_epochs(study, study.resolved_arms()[0])
+    arms = {a.name: a for a in new.resolved_arms()}
+    for name in ("sft", "sdd", "sdd-self", "sdd-partial-kd"):
+        assert row_epochs(new, arms[name]) >= 4 * old, name
+    assert arms["sft"].responses == "original" and arms["sdd"].responses == "distilled"
+    assert "gsm8k-self" in arms["sdd-self"].data and "gsm8k-self" not in arms["sdd"].data
+    best = stage_config(new, "finetune", arms["sdd-partial-kd"].finetune, model="-", data="-", out="-")
+    assert best.method == "partial" and best.kd_cache and arms["sdd-partial-kd"].kd_weight > 0
+    for responses in ("original", "distilled"):  # the curve: >= 3 sizes per method
+        sizes = {row_epochs(new, a) for a in arms.values() if a.responses == responses and a.kd_weight == 0
+                 and not a.finetune and a.data == arms["sft"].data}
+        assert len(sizes) >= 3, responses
+    distill = {d.name: stage_config(new, "distill", d.distill, dataset="-", out="-") for d in new.datasets}
+    assert distill["gsm8k"].samples == 8 and distill["gsm8k-self"].mode == "answer"
+    evaluation = stage_config(new, "evaluate", model=["-"], out="-")
+    assert evaluation.limit >= 1000 and set(evaluation.tasks) >= {"arc_easy", "hellaswag"}
