@@ -1,6 +1,6 @@
 """`selfdistill run CONFIG.yaml`: the paper's loop as one resumable run.
 
-    evaluate parent -> prune -> distill (per dataset) -> finetune arms (SFT, SDD, SDD+KD)
+    evaluate parent -> prune -> distill (per dataset) -> finetune arms (SFT, SDD, SDD+KD, or any in YAML)
     -> merge (per-dataset SDD children, SLERP) -> evaluate children -> drift -> speculate -> profile -> report
 
 Each stage writes into its own folder of the run directory. A stage is complete when its
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selfdistill.arms import ArmSpec, builtin_arms, resolve_arms
 from selfdistill.config import dump_yaml, from_dict, key_dict, opt
 from selfdistill.distill import DistillConfig, distill
 from selfdistill.errors import UserError
@@ -40,11 +41,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("parent-eval", "prune", "distill", "finetune", "merge", "evaluate", "drift", "speculate", "profile",
           "report")
-ARMS = {  # arm -> (answer column, uses the parent's logits)
-    "sft": ("original", False),
-    "sdd": ("distilled", False),
-    "sdd-kd": ("distilled", True),
-}
 
 
 @dataclass(frozen=True)
@@ -57,6 +53,8 @@ class DatasetSpec:
     recipe: str | None = opt(None, "recipe: gsm8k, dolly, alpaca, openmathinstruct, ...")
     limit: int | None = opt(None, "rows to distill and train on")
     offset: int = opt(0, "skip this many rows first")
+    distill: dict[str, Any] = opt({}, "DistillConfig fields for this dataset only (e.g. mode: answer, samples: 8)")
+    train_by_default: bool = opt(True, "part of the data of arms that name no datasets")
     heldout_local: str | None = opt(None, "file under data_dir with rows no arm trains on (the recipe's test split)")
     heldout_split: str | None = opt(None, "hub split with rows no arm trains on, when heldout_local is absent")
     reserve: int = opt(0, "without a test split: hold out the first N rows (after offset); training starts after")
@@ -73,8 +71,10 @@ class PipelineConfig:
     seed: int = opt(0, "one seed, passed to every stage")
     data_dir: str = opt("", "offline data folder (default: $SELFDISTILL_DATA_DIR, else ../shared/data)")
     datasets: list[DatasetSpec] = opt([], "fine-tuning datasets to distill; two or more enable merging")
-    arms: list[str] = opt(["sft", "sdd"], f"fine-tuning arms: {', '.join(ARMS)}")
-    kd_weight: float = opt(0.5, "KD weight of the sdd-kd arm")
+    # Any, not str | ArmSpec: resolve_arms builds the specs, so a bad arm gets its own error, not the union's.
+    arms: list[Any] = opt(["sft", "sdd"], "fine-tuning arms: built-in sft, sdd, sdd-kd, or mappings "
+                                    "(name, responses, data, rows, kd_weight, finetune; see selfdistill/arms.py)")
+    kd_weight: float = opt(0.5, "KD weight of the built-in sdd-kd arm")
     merge_children: bool = opt(True, "with 2+ datasets: tune one SDD child per dataset and SLERP-merge them")
     drift_prompts: int = opt(50, "held-out prompts per drift set (no arm trained on them) for child-vs-parent KL")
     drift_max_new_tokens: int = opt(128, "parent answer length for the drift metrics")
@@ -95,9 +95,6 @@ class PipelineConfig:
     FLAG_ALIASES = {"from_stage": "--from"}
 
     def __post_init__(self) -> None:
-        unknown = [a for a in self.arms if a not in ARMS]
-        if unknown:
-            raise ValueError(f"unknown arm '{unknown[0]}' (choose from {', '.join(ARMS)})")
         if self.from_stage is not None and self.from_stage not in STAGES:
             raise ValueError(f"--from {self.from_stage}: not a stage ({', '.join(STAGES)})")
         if not self.datasets:
@@ -114,6 +111,14 @@ class PipelineConfig:
         if first.reserve and first.reserve < needed:
             raise ValueError(f"dataset '{first.name}': reserve {first.reserve} is fewer than the {needed} rows "
                              "drift_prompts / speculate.limit measure")
+        for d in self.datasets:
+            stage_config(self, "distill", d.distill, **_IO_PLACEHOLDERS["distill"])
+        for arm in self.resolved_arms():
+            stage_config(self, "finetune", arm.finetune, **_IO_PLACEHOLDERS["finetune"])
+
+    def resolved_arms(self) -> list[ArmSpec]:
+        defaults = [d.name for d in self.datasets if d.train_by_default]
+        return resolve_arms(self.arms, self.kd_weight, [d.name for d in self.datasets], defaults)
 
 
 _IO_PLACEHOLDERS: dict[str, dict[str, Any]] = {
@@ -127,9 +132,12 @@ _SECTION_CLASSES = {"prune": PruneConfig, "distill": DistillConfig, "finetune": 
                     "profile": ProfileConfig, "drift": DriftConfig}
 
 
-def stage_config(cfg: PipelineConfig, section: str, **io: Any) -> Any:
-    """The stage's typed config: the YAML section plus the run's inputs/outputs (which win)."""
-    data = {**getattr(cfg, section), **{k: (str(v) if isinstance(v, Path) else v) for k, v in io.items()}}
+def stage_config(cfg: PipelineConfig, section: str, section_overrides: dict[str, Any] | None = None,
+                 **io: Any) -> Any:
+    """The stage's typed config: the YAML section, then a dataset's or arm's overrides of it, then the
+    run's inputs/outputs (which win)."""
+    data = {**getattr(cfg, section), **(section_overrides or {}),
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in io.items()}}
     return from_dict(_SECTION_CLASSES[section], data, prefix=f"{section}.")
 
 
@@ -209,20 +217,21 @@ def _run_locked(cfg: PipelineConfig) -> dict[str, Any]:
     for d in cfg.datasets:
         out = root / f"distill-{d.name}" / "distilled.jsonl"
         s.run(f"distill-{d.name}", "distill", stage_config(
-            cfg, "distill", teacher=cfg.parent, dataset=sources[d.name], recipe=d.recipe, limit=d.limit,
+            cfg, "distill", d.distill, teacher=cfg.parent, dataset=sources[d.name], recipe=d.recipe, limit=d.limit,
             offset=d.train_offset, split=d.split, subset=d.subset, seed=cfg.seed, out=out), distill,
             external={d.name: sources[d.name]} if d.name in local else {})
         distilled[d.name] = out
-    train_data = _combined(root, distilled)
-    # 4. Recovery: the arms share every setting but the answer column (and the parent's logits for sdd-kd).
+    # 4. Recovery: the arms share the finetune section but for what each arm sets (selfdistill/arms.py).
     children = {"pruned": str(root / "pruned")}
-    distill_stages = tuple(f"distill-{d.name}" for d in cfg.datasets)
-    for arm in cfg.arms:
-        children[arm] = _finetune(s, cfg, arm, train_data, distill_stages)
+    for arm in cfg.resolved_arms():
+        data = _combined(root, {n: distilled[n] for n in arm.data}, arm.rows,
+                         all_default=arm.data == [d.name for d in cfg.datasets if d.train_by_default])
+        children[arm.name] = _finetune(s, cfg, arm, data, tuple(f"distill-{n}" for n in arm.data))
     # 5. Merge: one SDD child per dataset, SLERP-merged (the paper's merging of differently distilled children).
     if cfg.merge_children and len(cfg.datasets) >= 2:
         pair = cfg.datasets[:2]
-        per_data = [_finetune(s, cfg, "sdd", distilled[d.name], (f"distill-{d.name}",), suffix=f"-{d.name}")
+        sdd = builtin_arms(cfg.kd_weight)["sdd"]
+        per_data = [_finetune(s, cfg, sdd, distilled[d.name], (f"distill-{d.name}",), suffix=f"-{d.name}")
                     for d in pair]
         # A t grid is scored off the reported items: the merge gets the evaluation's preset, tasks, limit, seed.
         reported = stage_config(cfg, "evaluate", **evaluation, model=["-"], out="-")
@@ -260,28 +269,38 @@ def _run_locked(cfg: PipelineConfig) -> dict[str, Any]:
     return {"run_dir": str(root), "children": children, **result}
 
 
-def _finetune(s: Stages, cfg: PipelineConfig, arm: str, data: Path, after: tuple[str, ...], suffix: str = "") -> str:
-    responses, with_kd = ARMS[arm]
-    name = f"{arm}{suffix}"
-    kd = {"kd_weight": cfg.kd_weight, "teacher": cfg.parent} if with_kd else {"kd_weight": 0.0, "teacher": None}
-    config = stage_config(cfg, "finetune", model=s.root / "pruned", data=data, responses=responses, seed=cfg.seed,
+def _finetune(s: Stages, cfg: PipelineConfig, arm: ArmSpec, data: Path, after: tuple[str, ...],
+              suffix: str = "") -> str:
+    name = f"{arm.name}{suffix}"
+    kd = {"kd_weight": arm.kd_weight, "teacher": cfg.parent if arm.kd_weight > 0 else None}
+    section = {**cfg.finetune, **arm.finetune}
+    if arm.kd_weight > 0 and section.get("kd_cache") and not section.get("kd_cache_dir"):
+        # One cache per training file and answer column, shared by every KD arm on it; named by the distill
+        # stages' keys so a redistilled dataset gets a fresh cache instead of a mismatch error.
+        key = hashlib.sha256("".join(s.keys[a] for a in after).encode()).hexdigest()[:12]
+        k, t = section.get("kd_top_k", 64), section.get("kd_temperature", 1.0)
+        section["kd_cache_dir"] = str(s.root / "kd-cache" / f"{data.stem}-{arm.responses}-k{k}-t{t:g}-{key}")
+    cache = {"kd_cache_dir": section["kd_cache_dir"]} if section.get("kd_cache_dir") else {}
+    config = stage_config(cfg, "finetune", arm.finetune | cache,
+                          model=s.root / "pruned", data=data, responses=arm.responses, seed=cfg.seed,
                           out=s.root / name, resume=True, restart=True, **kd)  # restart: checkpoints of another key
     s.run(name, "finetune", config, finetune, after=("pruned", *after))
     return str(s.root / name)
 
 
-def _combined(root: Path, distilled: dict[str, Path]) -> Path:
-    """One training file over all datasets (rows keep their ids; the dataset name prefixes them)."""
-    if len(distilled) == 1:
+def _combined(root: Path, distilled: dict[str, Path], rows: int | None = None, all_default: bool = True) -> Path:
+    """One training file over the given datasets (ids prefixed by the dataset name), first `rows` of each."""
+    if len(distilled) == 1 and rows is None:
         return next(iter(distilled.values()))
-    out = root / "distill-all.jsonl"
+    name = "distill-all" if all_default and len(distilled) > 1 else "train-" + "+".join(distilled)
+    out = root / f"{name}{f'-{rows}' if rows else ''}.jsonl"
     lines = []
     for name, path in distilled.items():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                row["id"] = f"{name}/{row['id']}"
-                lines.append(json.dumps(row, ensure_ascii=False))
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:rows]
+        for line in kept:
+            row = json.loads(line)
+            row["id"] = f"{name}/{row['id']}"
+            lines.append(json.dumps(row, ensure_ascii=False))
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 

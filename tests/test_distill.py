@@ -359,3 +359,158 @@ def test_vllm_replicas_are_consecutive_ranks_and_their_first_rank_writes():
         vllm_layout(0, 4, 3)
     with pytest.raises(UserError, match="only with backend vllm"):
         from_dict(DistillConfig, {"teacher": "t", "dataset": "d", "tensor_parallel_size": 2})
+
+
+# --- best-of-k -----------------------------------------------------------------------------------------------
+
+
+def test_attempts_share_one_prefill_and_sample_as_if_alone():
+    """Copies of a prompt prefill once; each (prompt, key) draws the same tokens as when run alone (fp32)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import make_model, make_tokenizer
+
+    from selfdistill.distill.sampled import SeededEngine, attempt_key, generate_seeded
+
+    model, tok = make_model(layers=2, seed=1), make_tokenizer()
+    params = GenParams(max_new_tokens=10, batch_size=9, stop_ids=(17,), temperature=0.95, top_p=0.7)
+    rows = _random_prompts(3, seed=4)
+    items = [(3 * r + n, ids) for r, ids in rows for n in range(3)]  # 3 attempts of each of 3 prompts
+    keys = {k: attempt_key(0, f"row{k // 3}", k % 3 + 2) for k, _ in items}
+    counters: dict = {}
+    together = {r.index: r.tokens for r in generate_seeded(model, tok, items, params, keys, counters)}
+    assert counters["prefilled_tokens"] == sum(len(ids) for _, ids in rows)  # one prefill per prompt
+    for k, ids in items:
+        alone = list(SeededEngine(model, GenParams(**{**params.__dict__, "batch_size": 1}), 2,
+                                  {k: keys[k]}).run([(k, ids)]))
+        assert alone[0].tokens == together[k], k
+    assert len({tuple(together[k]) for k in range(3)}) > 1  # the copies really sample apart
+    fewer_slots = GenParams(**{**params.__dict__, "batch_size": 4})  # refills split some copies over fills
+    assert {r.index: r.tokens for r in generate_seeded(model, tok, items, fewer_slots, keys)} == together
+
+
+def _parity(text, example, options):
+    """A deterministic verifier that passes about a third of random texts."""
+    return None if sum(text.encode()) % 3 == 0 else "parity: no"
+
+
+@pytest.fixture
+def parity_verifier(monkeypatch):
+    from selfdistill.distill.verify import VERIFIERS
+
+    monkeypatch.setitem(VERIFIERS, "parity", _parity)
+
+
+def _best_of_k_cfg(tiny_model_dir, gsm8k_train, out, **kw):
+    return _cfg(tiny_model_dir, gsm8k_train, out, limit=10, batch_size=4, max_new_tokens=5, samples=4,
+                verifiers=["parity"], keep_truncated=True, **kw)
+
+
+def test_best_of_k_keeps_the_first_verified_attempt(parity_verifier, tiny_model_dir, gsm8k_train, tmp_path):
+    from selfdistill.distill.attempts import attempt_waves
+
+    assert attempt_waves(8) == [[1], [2], [3, 4], [5, 6, 7, 8]] and attempt_waves(3) == [[1], [2], [3]]
+    greedy = distill(_cfg(tiny_model_dir, gsm8k_train, tmp_path / "g.jsonl", limit=10, batch_size=4,
+                          max_new_tokens=5, verifiers=["parity"], keep_truncated=True))
+    stats = distill(_best_of_k_cfg(tiny_model_dir, gsm8k_train, tmp_path / "k" / "d.jsonl"))
+    rows, first = _lines(tmp_path / "k" / "d.jsonl"), _lines(tmp_path / "g.jsonl")
+    assert [r["id"] for r in rows] == [f"gsm8k-{i}" for i in range(10)]
+    for row, g in zip(rows, first):
+        reasons = row["attempt_reasons"]
+        kept = next((j + 1 for j, why in enumerate(reasons) if why is None), None)
+        # no wave after the kept attempt's wave ([1], [2], [3, 4]); its wave-mates still cost tokens
+        assert row["attempt"] == kept and row["attempts"] == {1: 1, 2: 2, 3: 4, 4: 4, None: 4}[kept]
+        assert row["used"] == ("rewrite" if kept else "original")
+        assert (row["rewrite"] == g["rewrite"]) == (kept in (1, None))  # attempt 1 is the greedy rewrite
+        if kept:
+            assert _parity(row["rewrite"], None, None) is None
+        assert row["generated_tokens"] == sum(row["attempt_tokens"])
+    after = stats["kept_after_attempts"]
+    assert after[0] == greedy["rewrites_kept"] and after[-1] == stats["rewrites_kept"] > after[0]
+    assert after == sorted(after) and len(after) == 4
+    assert sum(stats["tokens_by_attempt"]) == stats["generated_tokens"] == sum(r["generated_tokens"] for r in rows)
+    assert stats["tokens_per_kept_row"] == round(stats["generated_tokens"] / stats["rewrites_kept"], 1)
+
+
+def test_best_of_k_resumes_after_a_crash_between_attempts(parity_verifier, tiny_model_dir, gsm8k_train, tmp_path,
+                                                         monkeypatch):
+    from selfdistill.distill import attempts
+
+    whole = tmp_path / "whole.jsonl"
+    distill(_best_of_k_cfg(tiny_model_dir, gsm8k_train, whole, sample_block=6))
+    out, waves = tmp_path / "crash" / "d.jsonl", []
+    real = attempts._run_wave
+
+    def crash_in_block_two(rows, wave, *args):
+        waves.append((tuple(rows), tuple(wave)))
+        if wave != [1] and min(rows) >= 6:  # the second block (rows 6..9), between its attempts
+            raise KeyboardInterrupt
+        return real(rows, wave, *args)
+    monkeypatch.setattr(attempts, "_run_wave", crash_in_block_two)
+    cfg = _best_of_k_cfg(tiny_model_dir, gsm8k_train, out, sample_block=6)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg)
+    written = _lines(out)
+    assert 6 <= len(written) < 10 and written == _lines(whole)[:len(written)]
+    monkeypatch.setattr(attempts, "_run_wave", real)
+    stats = distill(cfg)
+    assert out.read_bytes() == whole.read_bytes()  # nothing repeated, nothing lost, same samples
+    assert stats["resumed_after"] == len(written) and stats["rows"] == 10
+
+
+def test_answer_mode_never_shows_the_reference(tiny_model_dir, gsm8k_train, tmp_path, monkeypatch):
+    from selfdistill.distill import BACKENDS
+
+    seen = []
+    real = BACKENDS["hf"]
+
+    def recording(*args):
+        tok, run = real(*args)
+
+        def spy(prompts, params, **kw):
+            prompts = list(prompts)
+            seen.extend(tok.decode(ids) for _, ids in prompts)
+            return run(prompts, params, **kw)
+        return tok, spy
+    monkeypatch.setitem(BACKENDS, "hf", recording)
+    distill(_cfg(tiny_model_dir, gsm8k_train, tmp_path / "a.jsonl", limit=3, mode="answer", samples=2))
+    rows = _lines(tmp_path / "a.jsonl")
+    sources = [json.loads(x) for x in gsm8k_train.read_text().splitlines()[:3]]
+    assert len(seen) >= 3 and json.loads((tmp_path / "stats.json").read_text())["mode"] == "answer"
+    for src in sources:
+        reference = src["answer"]
+        assert not any(reference in text or reference.split("####")[0].strip()[:40] in text for text in seen)
+        assert any(src["question"] in text for text in seen)
+    assert all(r["original"] == s["answer"] for r, s in zip(rows, sources))
+    assert all(r["verdicts"].get("math") is not None for r in rows)  # the recipe's verifier still checks
+
+
+def test_bad_best_of_k_input_is_rejected_before_writing(tiny_run, tiny_model_dir, gsm8k_train, tmp_path):
+    out = tmp_path / "d.jsonl"
+    partial = b"".join(tiny_run.read_bytes().splitlines(keepends=True)[:2])
+    out.write_bytes(partial)
+    for overrides, message in [(dict(samples=0), "samples must be >= 1"), (dict(mode="chat"), "unknown mode 'chat'")]:
+        with pytest.raises(UserError, match=message):
+            distill(_cfg(tiny_model_dir, gsm8k_train, out, **overrides))
+        assert out.read_bytes() == partial
+
+
+@pytest.mark.slow
+def test_real_parent_best_of_k_on_gsm8k_rows(real_model_dir, gsm8k_train, tmp_path):
+    """SmolLM2-135M, 6 GSM8K rows, k = 4: every kept attempt reaches the reference's answer; more are kept."""
+    from selfdistill.distill.verify import final_answer, same_answer
+
+    out = tmp_path / "real.jsonl"
+    stats = distill(from_dict(DistillConfig, dict(teacher="smollm2-135m-instruct", dataset=str(gsm8k_train),
+                                                  recipe="gsm8k", offset=200, limit=6, batch_size=8, samples=4,
+                                                  max_new_tokens=200, out=str(out))))
+    rows, refs = _lines(out), [json.loads(x)["answer"] for x in gsm8k_train.read_text().splitlines()[200:206]]
+    assert [r["id"] for r in rows] == [f"gsm8k-{i}" for i in range(200, 206)]
+    for row, ref in zip(rows, refs):
+        if row["used"] == "rewrite":
+            assert same_answer(final_answer(row["rewrite"]), ref.split("####")[-1].strip())
+            assert row["attempt_reasons"][row["attempt"] - 1] is None
+            assert all(why is not None for why in row["attempt_reasons"][:row["attempt"] - 1])
+        assert row["attempts"] in (1, 2, 4) and len(row["attempt_tokens"]) == row["attempts"]
+    after = stats["kept_after_attempts"]
+    assert after == sorted(after) and after[-1] == stats["rewrites_kept"]
+    assert stats["prefilled_tokens"] > 0 and sum(stats["tokens_by_attempt"]) == stats["generated_tokens"]

@@ -21,9 +21,10 @@ from typing import Any
 from selfdistill.config import opt, to_dict
 from selfdistill.data import Example, load_examples
 from selfdistill.distill import resume
+from selfdistill.distill.attempts import Attempt, AttemptPlan, attempt_fields, attempt_stats, best_of_k, chosen
 from selfdistill.distill.backends import BACKENDS, vllm_layout
-from selfdistill.distill.generate import GenParams
-from selfdistill.distill.prompts import RewritePrompt, check_template, render_rewrite
+from selfdistill.distill.generate import GenParams, Result
+from selfdistill.distill.prompts import MODES, RewritePrompt, check_template, render_prompt
 from selfdistill.distill.records import check_prefix, make_row, open_for_append, read_complete, summarize, sync, write_row
 from selfdistill.distill.verify import DEFAULT_VERIFIERS, VERIFIERS, VerifyOptions, verify
 from selfdistill.errors import UserError
@@ -55,6 +56,14 @@ class DistillConfig:
     max_new_tokens: int = opt(512, "limit per rewrite")
     temperature: float = opt(0.0, "0 = greedy; SDFT sampled with 0.95")
     top_p: float = opt(1.0, "nucleus sampling mass (SDFT: 0.7)")
+    mode: str = opt("rewrite", "rewrite (the parent sees question + reference) or answer (the question only)",
+                    keyed_when_changed=True)
+    samples: int = opt(1, "k: attempts per row; attempts 2..k are sampled only for rows still unverified",
+                       keyed_when_changed=True)
+    sample_temperature: float = opt(0.95, "temperature of attempts 2..k (SDFT's 0.95)", keyed_when_changed=True)
+    sample_top_p: float = opt(0.7, "nucleus mass of attempts 2..k (SDFT's 0.7)", keyed_when_changed=True)
+    sample_block: int = opt(256, "rows whose k attempts finish before the next rows start (samples > 1)",
+                            keyed_when_changed=True)
     refill: int = opt(0, "hf: refill when this many slots are free (0 = batch_size/8)")
     draft_tokens: int = opt(GenParams.draft_tokens, "hf, greedy: prompt-lookup draft tokens per row and step, "
                             "kept only where the argmax agrees (0 = off)", keyed_when_changed=True)
@@ -78,6 +87,12 @@ class DistillConfig:
             raise ValueError("draft_tokens must be >= 0 (0 = no drafts)")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.samples < 1 or self.sample_block < 1:
+            raise ValueError(f"samples must be >= 1 (got {self.samples}) and sample_block >= 1")
+        if self.sample_temperature <= 0 or not 0 < self.sample_top_p <= 1:
+            raise ValueError("sample_temperature must be > 0 and sample_top_p in (0, 1]")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode '{self.mode}' (choose from {', '.join(MODES)})")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend '{self.backend}' (choose from {', '.join(BACKENDS)})")
         if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.backend != "vllm"):
@@ -148,14 +163,16 @@ def _distill(cfg: DistillConfig, claim: Any, examples: list[Example], prompt: Re
     shard, shards, writer = (rank, world, True) if cfg.backend != "vllm" \
         else vllm_layout(rank, world, cfg.tensor_parallel_size)
     # One process: fixed blocks from row 0, so a resume writes what the uninterrupted run writes (resume.py).
-    block = resume.block_rows(cfg.batch_size) if world == 1 and cfg.backend == "hf" else None
+    # With k attempts, rows finish sample_block at a time: that is then the block a resume restarts from.
+    block = (resume.block_rows(cfg.batch_size) if cfg.samples == 1 else cfg.sample_block) \
+        if world == 1 and cfg.backend == "hf" else None
     todo = list(range(resume.resume_start(len(done_rows), block) if block else len(done_rows), len(examples)))
     todo = todo[shard * len(todo) // shards:(shard + 1) * len(todo) // shards]
     if claim.fresh:  # --restart/--overwrite: the old rows go only now, once every input has been checked
         for path in ([out] if rank == 0 else []) + [_part(out, shard, shards)]:
             path.unlink(missing_ok=True)
     claim.commit()
-    gen_stats = {"generated_tokens": 0, "generation_s": 0.0}
+    gen_stats = {"generated_tokens": 0, "prefilled_tokens": 0, "generation_s": 0.0}
     if todo or (cfg.backend == "vllm" and world > 1):  # vLLM's ranks build their engines together
         device = resolve_device(cfg.device)
         if state is not None and device == "cuda":
@@ -166,20 +183,22 @@ def _distill(cfg: DistillConfig, claim: Any, examples: list[Example], prompt: Re
             generate = functools.partial(resume.in_blocks, generate, block=block)
         target = (out if shards == 1 else _part(out, shard, shards)) if writer else out.with_name(f"{out.name}.copy{rank}")
         gen_stats = _run(cfg, examples, todo, prompt, tok, generate, target,
-                         keep_bytes if shards == 1 and writer else None, done_rows)
+                         keep_bytes if shards == 1 and writer else None, done_rows, block)
         if not writer:  # a copy of its replica's rows
             target.unlink(missing_ok=True)
-            gen_stats = {"generated_tokens": 0, "generation_s": 0.0}
+            gen_stats = {"generated_tokens": 0, "prefilled_tokens": 0, "generation_s": 0.0}
     if world > 1:
         shard_stats = _gather(state, gen_stats)  # also the barrier: every shard file is complete
         gen_stats = {"generated_tokens": sum(g["generated_tokens"] for g in shard_stats),
+                     "prefilled_tokens": sum(g["prefilled_tokens"] for g in shard_stats),
                      "generation_s": max(g["generation_s"] for g in shard_stats)}
         if rank != 0:
             return {"rank": rank, "rows": len(todo), **gen_stats}
         if shards > 1:
             _merge_parts(out, keep_bytes, shards)
     rows, _ = read_complete(out)
-    stats = {**summarize(rows), "rows_this_run": len(rows) - len(done_rows), "resumed_after": len(done_rows),
+    stats = {**summarize(rows), **attempt_stats(rows, cfg.samples), "mode": cfg.mode,
+             "rows_this_run": len(rows) - len(done_rows), "resumed_after": len(done_rows),
              **gen_stats, "tokens_per_s": round(gen_stats["generated_tokens"] / gen_stats["generation_s"], 1)
              if gen_stats["generation_s"] else None, "processes": world,
              "wall_time_s": round(time.time() - started, 2), "config": to_dict(cfg)}
@@ -218,9 +237,37 @@ def _merge_parts(out: Path, keep_bytes: int, world: int) -> None:
         part.unlink(missing_ok=True)
 
 
+def _plan(cfg: DistillConfig, block: int | None) -> AttemptPlan:
+    first = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                      seed=cfg.seed, batch_size=cfg.batch_size, refill=cfg.refill, draft_tokens=cfg.draft_tokens)
+    sampled = GenParams(**{**first.__dict__, "temperature": cfg.sample_temperature, "top_p": cfg.sample_top_p})
+    # In one process the attempts follow resume's fixed blocks (so a resume regenerates a whole block);
+    # else one attempt per row streams the whole input, and k attempts finish sample_block rows at a time.
+    size = block or (cfg.sample_block if cfg.samples > 1 else 1 << 62)
+    return AttemptPlan(cfg.samples, size, first, sampled, cfg.seed)
+
+
+def _judge(cfg: DistillConfig, examples: list[Example], prefills: dict[int, str], tok: Any) -> Any:
+    """(row, attempt number, engine result) -> the attempt with its verdicts and rejection reason."""
+    options = VerifyOptions(similarity_floor=cfg.similarity_floor)
+
+    def judge(i: int, number: int, res: Result) -> Attempt:
+        ex = examples[i]
+        text = (prefills[i] + tok.decode(res.tokens, skip_special_tokens=True)).strip()
+        names = cfg.verifiers or DEFAULT_VERIFIERS.get(ex.kind, ["blacklist"])
+        verdicts, reason = verify(text, ex, names, options)
+        if res.finish == "length" and not cfg.keep_truncated:
+            verdicts["complete"] = False
+            reason = f"truncated: stopped at max_new_tokens={cfg.max_new_tokens}"
+        return Attempt(number, text, len(res.tokens), res.finish, verdicts, reason)
+
+    return judge
+
+
 def _run(cfg: DistillConfig, examples: list[Example], todo: list[int], prompt: RewritePrompt, tok: Any,
-         generate: Any, target: Path, keep_bytes: int | None, written: list[dict[str, Any]]) -> dict[str, Any]:
-    """Generate rewrites for `todo`, verify them, append rows to `target` in input order.
+         generate: Any, target: Path, keep_bytes: int | None, written: list[dict[str, Any]],
+         block: int | None) -> dict[str, Any]:
+    """Generate up to k attempts per row of `todo`, verify them, append rows to `target` in input order.
 
     Rows of `todo` already in `written` (a resumed block's finished rows) are checked, not appended again."""
     from tqdm.auto import tqdm
@@ -232,34 +279,23 @@ def _run(cfg: DistillConfig, examples: list[Example], todo: list[int], prompt: R
             target.unlink(missing_ok=True)
             prior, keep_bytes = [], 0
         todo = todo[len(prior):]
-    rendered = {i: render_rewrite(examples[i], tok, prompt) for i in todo}
+    rendered = {i: render_prompt(examples[i], tok, prompt, cfg.mode) for i in todo}
     ids = {i: tok(text, add_special_tokens=False)["input_ids"] for i, (text, _) in rendered.items()}
-    params = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                       seed=cfg.seed, batch_size=cfg.batch_size, refill=cfg.refill, draft_tokens=cfg.draft_tokens)
-    options = VerifyOptions(similarity_floor=cfg.similarity_floor)
-    pending: dict[int, dict[str, Any]] = {}
-    pos, generated, t0 = 0, 0, time.time()
+    judge = _judge(cfg, examples, {i: prefill for i, (_, prefill) in rendered.items()}, tok)
+    counters: dict[str, int] = {"generated_tokens": 0, "prefilled_tokens": 0}
+    t0 = time.time()
     with open_for_append(target, keep_bytes) as f, \
             tqdm(total=len(todo), desc="distill", unit="row", disable=not todo) as bar:
-        for res in generate(((i, ids[i]) for i in todo), params):
-            ex, prefill = examples[res.index], rendered[res.index][1]
-            rewrite = (prefill + tok.decode(res.tokens, skip_special_tokens=True)).strip()
-            names = cfg.verifiers or DEFAULT_VERIFIERS.get(ex.kind, ["blacklist"])
-            verdicts, reason = verify(rewrite, ex, names, options)
-            if res.finish == "length" and not cfg.keep_truncated:
-                verdicts["complete"] = False
-                reason = f"truncated: stopped at max_new_tokens={cfg.max_new_tokens}"
-            pending[res.index] = make_row(ex, rewrite, verdicts, reason, res.finish, len(ids[res.index]),
-                                          len(res.tokens))
-            generated += len(res.tokens)
-            while pos < len(todo) and todo[pos] in pending:  # write in input order
-                index, row = todo[pos], pending.pop(todo[pos])
-                if index < len(written):
-                    resume.same_row(written[index], row, index + 1, target)
-                else:
-                    write_row(f, row)
-                pos += 1
+        for i, attempts in best_of_k(todo, ids, {i: examples[i].id for i in todo}, judge, generate,
+                                     _plan(cfg, block), counters):
+            kept = chosen(attempts)
+            row = {**make_row(examples[i], kept.text, kept.verdicts, kept.reason, kept.finish, len(ids[i]),
+                              sum(a.tokens for a in attempts)), **attempt_fields(attempts)}
+            if i < len(written):
+                resume.same_row(written[i], row, i + 1, target)
+            else:
+                write_row(f, row)
             bar.update(1)
-            bar.set_postfix(tok_s=f"{generated / max(time.time() - t0, 1e-9):.0f}")
+            bar.set_postfix(tok_s=f"{counters['generated_tokens'] / max(time.time() - t0, 1e-9):.0f}")
         sync(f)
-    return {"generated_tokens": generated, "generation_s": round(time.time() - t0, 2)}
+    return {**counters, "generation_s": round(time.time() - t0, 2)}

@@ -1,7 +1,9 @@
 """Generation backends (`BACKENDS`): `hf`, our refilling engine on transformers, and `vllm`.
 
 Each opener loads the teacher once and returns (tokenizer, generate) where `generate(prompts,
-params)` yields `Result`s as rows finish; vLLM is an optional extra and its absence is a clear error.
+params, keys=None, counters=None)` yields `Result`s as rows finish; vLLM is an optional extra and its
+absence is a clear error. With `keys` (prompt index -> sampling key) sampling is seeded per prompt, so
+an attempt draws the same tokens whatever else is in the batch (best-of-k, distill/attempts.py).
 
 Under a multi-process launch (`accelerate launch`, torchrun) the HF engine runs one copy per GPU on its
 shard. vLLM uses its external launcher there (vLLM's torchrun examples): every process holds one worker,
@@ -17,9 +19,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from selfdistill.distill.generate import GenParams, Result, generate_hf, length_sorted, stop_token_ids
+from selfdistill.distill.sampled import generate_seeded
 from selfdistill.errors import UserError
 
-GenerateFn = Callable[[Iterable[tuple[int, list[int]]], GenParams], Iterator[Result]]
+GenerateFn = Callable[..., Iterator[Result]]
 
 
 def vllm_layout(rank: int, world: int, tensor_parallel_size: int) -> tuple[int, int, bool]:
@@ -37,9 +40,13 @@ def open_hf(teacher: str, dtype: str, device: str, tensor_parallel_size: int = 1
     model, tok = load_model(teacher, dtype=dtype, device=device)
     params_stop = stop_token_ids(tok, model)
 
-    def run(prompts: Iterable[tuple[int, list[int]]], params: GenParams) -> Iterator[Result]:
+    def run(prompts: Iterable[tuple[int, list[int]]], params: GenParams, keys: dict[int, int] | None = None,
+            counters: dict[str, int] | None = None) -> Iterator[Result]:
         window = max(1, 8 * params.batch_size)
         params = GenParams(**{**params.__dict__, "stop_ids": params.stop_ids or params_stop})
+        if keys is not None and params.temperature > 0:
+            # length_sorted's sort is stable, so a prompt's copies stay adjacent and share a prefill chunk
+            return generate_seeded(model, tok, length_sorted(prompts, window), params, keys, counters)
         return generate_hf(model, tok, length_sorted(prompts, window), params)
 
     return tok, run
@@ -77,12 +84,17 @@ def open_vllm(teacher: str, dtype: str, device: str, tensor_parallel_size: int =
                             f"{config.data_parallel_size}, not {replica} of {replicas}: rows would be lost")
     tok = llm.get_tokenizer()
 
-    def run(prompts: Iterable[tuple[int, list[int]]], params: GenParams) -> Iterator[Result]:
+    def run(prompts: Iterable[tuple[int, list[int]]], params: GenParams, keys: dict[int, int] | None = None,
+            counters: dict[str, int] | None = None) -> Iterator[Result]:
         stops = params.stop_ids or stop_token_ids(tok)
-        sampling = vllm.SamplingParams(temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+
+        def sampling(index: int) -> Any:  # a per-request seed keeps each attempt reproducible
+            seed = keys[index] % (1 << 31) if keys is not None else params.seed
+            return vllm.SamplingParams(temperature=params.temperature, top_p=params.top_p, seed=seed,
                                        max_tokens=params.max_new_tokens, stop_token_ids=list(stops))
         for chunk in _chunks(prompts, max(1, 8 * params.batch_size)):
-            outputs = llm.generate([{"prompt_token_ids": ids} for _, ids in chunk], sampling, use_tqdm=False)
+            outputs = llm.generate([{"prompt_token_ids": ids} for _, ids in chunk], [sampling(i) for i, _ in chunk],
+                                   use_tqdm=False)
             for (index, _), out in zip(chunk, outputs):
                 done = out.outputs[0]
                 tokens = [t for t in done.token_ids if t not in stops]

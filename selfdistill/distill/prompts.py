@@ -1,7 +1,9 @@
 """SDFT rewrite prompts, rendered through the parent's own chat template.
 
-The parent sees the question and the reference answer and writes its own answer (Yang et al.,
-SDFT, arXiv 2402.13669; used with the unpruned parent in Thangarasa et al., arXiv 2410.09982).
+Mode `rewrite`: the parent sees the question and the reference answer and writes its own answer (Yang
+et al., SDFT, arXiv 2402.13669; used with the unpruned parent in Thangarasa et al., arXiv 2410.09982).
+Mode `answer`: the parent sees only the training prompt, exactly as the child will, and answers it (its
+own on-policy answer; the reference, where there is one, is used only by the verifiers).
 Math answers are prefilled with "Great! Let's think step by step. ", which stays part of the rewrite.
 """
 
@@ -63,3 +65,23 @@ def render_rewrite(example: Example, tokenizer: Any, prompt: RewritePrompt = Rew
         return f"{system}\n\n{user}\n{prefill}", prefill
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + prefill, prefill
+
+
+MODES = ("rewrite", "answer")
+
+
+def render_answer(example: Example, tokenizer: Any, prompt: RewritePrompt = RewritePrompt()) -> tuple[str, str]:
+    """(the training prompt itself, ending with the prefill, the prefill): no reference anywhere in it."""
+    if example.kind == "text":
+        raise UserError(f"{example.source}: plain-text rows have no prompt to answer; use a recipe "
+                        "with a prompt field")
+    _, _, prefill = prompt.parts(example.kind)
+    if not getattr(tokenizer, "chat_template", None):
+        return "\n\n".join(m["content"] for m in example.messages) + "\n" + prefill, prefill
+    text = tokenizer.apply_chat_template(example.messages, tokenize=False, add_generation_prompt=True)
+    return text + prefill, prefill
+
+
+def render_prompt(example: Example, tokenizer: Any, prompt: RewritePrompt, mode: str) -> tuple[str, str]:
+    """The parent's prompt for `mode` (see MODES)."""
+    return render_answer(example, tokenizer, prompt) if mode == "answer" else render_rewrite(example, tokenizer, prompt)

@@ -74,13 +74,17 @@ def block_seed(seed: int, block_number: int) -> int:
     return (seed * 1_000_003 + block_number) % (2 ** 63)
 
 
-def in_blocks(generate: Any, prompts: list[tuple[int, list[int]]], params: Any, block: int) -> Iterator[Any]:
-    """`generate` over `prompts` (index, ids), one engine call per block of input rows, seeded per block."""
+def in_blocks(generate: Any, prompts: list[tuple[int, list[int]]], params: Any, block: int,
+              **kwargs: Any) -> Iterator[Any]:
+    """`generate` over `prompts` (index, ids), one engine call per block of input rows, seeded per block.
+
+    Best-of-k hands it one block's wave per call, its attempts numbered from 0: the grouping then only
+    splits a wave larger than a block, and either way depends on nothing but that block's rows."""
     groups: dict[int, list[tuple[int, list[int]]]] = {}
     for index, ids in prompts:
         groups.setdefault(index // block, []).append((index, ids))
     for number, group in groups.items():
-        yield from generate(group, dataclasses.replace(params, seed=block_seed(params.seed, number)))
+        yield from generate(group, dataclasses.replace(params, seed=block_seed(params.seed, number)), **kwargs)
 
 
 def same_row(written: dict[str, Any], row: dict[str, Any], line: int, path: Path) -> None:

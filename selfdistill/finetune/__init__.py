@@ -29,7 +29,13 @@ class FinetuneConfig:
     recipe: str | None = opt(None, "recipe for a plain dataset (gsm8k, dolly, alpaca, ...); detected when omitted")
     limit: int | None = opt(None, "train on the first N rows only")
     out: str = opt("", "output folder: the recovered model (LoRA merged), adapter/, train_log.jsonl, manifest")
-    method: Literal["lora", "full"] = opt("lora", "LoRA adapters (merged at the end) or full fine-tuning")
+    method: Literal["lora", "full", "partial"] = opt(
+        "lora", "LoRA adapters (merged at the end), full fine-tuning, or partial (train_layers in full rank)")
+    train_layers: str = opt("after_cut", "partial: last:N, after_cut (the child's layers after the pruned block) "
+                            "or START:END (end exclusive)", keyed_when_changed=True)
+    train_lm_head: bool = opt(True, "partial: also train the LM head (untied from the embedding if tied)",
+                              keyed_when_changed=True)
+    train_norm: bool = opt(True, "partial: also train the final norm", keyed_when_changed=True)
     lora_r: int = opt(8, "LoRA rank (SDFT default 8)")
     lora_alpha: int = opt(16, "LoRA alpha (SDFT default 16)")
     lora_dropout: float = opt(0.05, "LoRA dropout")
@@ -54,6 +60,12 @@ class FinetuneConfig:
     kd_loss: str = opt("kl", f"divergence for KD: {', '.join(DIVERGENCES)}")
     kd_temperature: float = opt(1.0, "softmax temperature for KD")
     teacher: str | None = opt(None, "parent model for KD (required when kd_weight > 0; same tokenizer)")
+    kd_cache: bool = opt(False, "KD from the parent's cached top-k logits (built once beside the data) instead "
+                         "of running the parent every step", keyed_when_changed=True)
+    kd_top_k: int = opt(64, "KD cache: parent log-probs kept per answer position (plus the remaining mass)",
+                        keyed_when_changed=True)
+    kd_cache_dir: str | None = opt(None, "KD cache folder (default: beside the data, named by answers, k and T)",
+                                   keyed_when_changed=True)
     logging_steps: int = opt(1, "log the loss every N optimizer steps")
     report_to: list[str] = opt([], "extra loggers: tensorboard, wandb (train_log.jsonl is always written)")
     allow_pickle: bool = opt(False, "allow loading pickle (.bin) checkpoints, which can run code")
@@ -69,6 +81,8 @@ class FinetuneConfig:
             raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
         if self.kd_weight > 0 and not self.teacher:
             raise ValueError("kd_weight > 0 needs a teacher (the unpruned parent): set --teacher")
+        if self.kd_top_k < 1:
+            raise ValueError("kd_top_k must be at least 1")
         if self.kd_temperature <= 0:
             raise ValueError("kd_temperature must be positive")
         if min(self.lora_r, self.lora_alpha, self.batch_size, self.grad_accum, self.save_steps) <= 0:

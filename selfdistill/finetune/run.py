@@ -22,6 +22,8 @@ from selfdistill.config import dump_yaml, to_dict
 from selfdistill.errors import UserError
 from selfdistill.finetune import FinetuneConfig, checkpoint_dir, recognize_checkpoints, shaping_settings
 from selfdistill.finetune.data import TrainData, load_train_data
+from selfdistill.finetune.kdcache import open_cache
+from selfdistill.finetune.partial import freeze_for_partial, saved_model
 from selfdistill.finetune.trainer import JsonlLogger, RecoveryTrainer, tokenize_row, truncate_log
 from selfdistill.guard import claim_output
 from selfdistill.models import drop_quantization, load_model, model_card, resolve_device, resolve_dtype
@@ -148,10 +150,17 @@ def prepare(cfg: FinetuneConfig, fresh: bool = False) -> Prepared:
     data = load_train_data(cfg.data, cfg.responses, cfg.recipe, cfg.limit)  # bad rows are named before a load
     # The Trainer seeds torch only when it is built, after LoRA's random init: seed now, or two runs differ.
     set_seed(cfg.seed)
-    model, tok = load_model(cfg.model, dtype=dtype if cfg.method == "lora" else "float32",
+    # LoRA and partial keep frozen weights in the compute dtype; full fine-tuning needs fp32 masters.
+    model, tok = load_model(cfg.model, dtype=dtype if cfg.method != "full" else "float32",
                             allow_pickle=cfg.allow_pickle, attn_implementation="sdpa")
+    if cfg.method == "partial":
+        freeze_for_partial(model, cfg.train_layers, cfg.train_lm_head, cfg.train_norm, cfg.model)
     dataset = build_dataset(data.rows, tok, cfg.max_length, cfg.data)
-    teacher = load_teacher(cfg, tok, model, dtype) if cfg.kd_weight > 0 else None
+    teacher = cache = None
+    if cfg.kd_weight > 0 and cfg.kd_cache:
+        cache = open_cache(cfg, dataset.to_list(), lambda: load_teacher(cfg, tok, model, dtype))
+    elif cfg.kd_weight > 0:
+        teacher = load_teacher(cfg, tok, model, dtype)
     if cfg.method == "lora":
         model = add_lora(model, cfg)
         if cfg.gradient_checkpointing:
@@ -160,7 +169,7 @@ def prepare(cfg: FinetuneConfig, fresh: bool = False) -> Prepared:
     resume_from = prepare_checkpoints(ckpt, cfg.resume and not fresh)
     trainer = RecoveryTrainer(
         model=model, args=training_args(cfg, ckpt, device, dtype), train_dataset=dataset, processing_class=tok,
-        callbacks=[JsonlLogger(ckpt / LOG_NAME)], teacher=teacher, kd_weight=cfg.kd_weight,
+        callbacks=[JsonlLogger(ckpt / LOG_NAME)], teacher=teacher, kd_cache=cache, kd_weight=cfg.kd_weight,
         kd_loss=cfg.kd_loss, kd_temperature=cfg.kd_temperature)
     # The default progress bar also prints every log dict to stdout, which is the CLI's JSON channel;
     # keep the bar, send the numbers to train_log.jsonl only.
@@ -204,7 +213,7 @@ def _train_claimed(cfg: FinetuneConfig, ckpt_claim: Any, started: float) -> dict
     staged = checkpoint_dir(cfg.out) / "final"
     gather_weights(cfg, trainer, staged)
     if trainer.accelerator.is_main_process:
-        save_output(cfg, staged, p.tokenizer, p.data, summary, p.dtype, started)
+        save_output(cfg, staged, trainer, p.tokenizer, p.data, summary, p.dtype, started)
         if not cfg.keep_checkpoints:
             shutil.rmtree(checkpoint_dir(cfg.out), ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -243,10 +252,13 @@ def _saved_weights(staged: Path, lora: bool) -> None:
                         "ZeRO-3: set stage3_gather_16bit_weights_on_model_save: true in its config)")
 
 
-def merged_model(cfg: FinetuneConfig, staged: Path) -> Any:
+def merged_model(cfg: FinetuneConfig, staged: Path, trainer: Any) -> Any:
     """The gathered weights as one model; LoRA: the child reloaded in fp32 with the adapter merged, so small
-    deltas survive the merge."""
+    deltas survive the merge; partial: the fp32 reload with the trained tensors put in (frozen weights
+    exactly as loaded, not rounded through the compute dtype)."""
     _saved_weights(staged, cfg.method == "lora")
+    if cfg.method == "partial":
+        return saved_model(cfg.model, trainer.model, cfg.train_lm_head, cfg.allow_pickle)
     if cfg.method != "lora":
         return load_model(str(staged), dtype="float32", with_tokenizer=False)[0]
     from peft import PeftModel
@@ -255,12 +267,12 @@ def merged_model(cfg: FinetuneConfig, staged: Path) -> Any:
     return PeftModel.from_pretrained(base, str(staged)).merge_and_unload()
 
 
-def save_output(cfg: FinetuneConfig, staged: Path, tok: Any, data: TrainData, summary: dict[str, Any],
-                dtype: str, started: float) -> None:
+def save_output(cfg: FinetuneConfig, staged: Path, trainer: Any, tok: Any, data: TrainData,
+                summary: dict[str, Any], dtype: str, started: float) -> None:
     """Write model + adapter/ + log + card + config.yaml, then manifest.json last, all in one rename."""
     ckpt = checkpoint_dir(cfg.out)
     with atomic_dir(cfg.out) as tmp:
-        model = merged_model(cfg, staged)
+        model = merged_model(cfg, staged, trainer)
         if cfg.method == "lora":
             (tmp / "adapter").mkdir()
             for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
@@ -284,6 +296,8 @@ def card(cfg: FinetuneConfig, data: TrainData, summary: dict[str, Any], dtype: s
         else "SFT baseline (original answers)"
     hyper = {k: getattr(cfg, k) for k in ("method", "learning_rate", "lr_scheduler", "epochs", "max_steps",
                                           "batch_size", "grad_accum", "max_length", "seed")}
+    if cfg.method == "partial":
+        hyper.update(train_layers=cfg.train_layers, train_lm_head=cfg.train_lm_head, train_norm=cfg.train_norm)
     if cfg.method == "lora":
         hyper.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                      target_modules=cfg.target_modules)

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from selfdistill.finetune.kd import DIVERGENCES
+from selfdistill.finetune.kdcache import cached_divergence
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,10 @@ class RecoveryTrainer(SFTTrainer):
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the token count of the whole accumulated batch
 
-    def __init__(self, *args: Any, teacher: torch.nn.Module | None = None, kd_weight: float = 0.0,
-                 kd_loss: str = "kl", kd_temperature: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, teacher: torch.nn.Module | None = None, kd_cache: Any = None,
+                 kd_weight: float = 0.0, kd_loss: str = "kl", kd_temperature: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.teacher = teacher
+        self.teacher, self.kd_cache, self.kd_loss = teacher, kd_cache, kd_loss
         if teacher is not None:
             teacher.to(self.args.device).eval().requires_grad_(False)
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
@@ -93,10 +94,8 @@ class RecoveryTrainer(SFTTrainer):
             denom = num_items_in_batch
         ce = F.cross_entropy(logits.float(), targets, reduction="sum") / denom
         loss = ce
-        if self.teacher is not None and self.kd_weight > 0:
-            with torch.no_grad():
-                t_logits = answer_logits(self.teacher, fwd, keep).logits
-            kd = self.divergence(logits, t_logits.reshape(logits.shape), self.kd_temperature).sum() / denom
+        if self.kd_weight > 0 and (self.teacher is not None or self.kd_cache is not None):
+            kd = self._kd(fwd, keep, logits, inputs).sum() / denom
             loss = (1 - self.kd_weight) * ce + self.kd_weight * kd
             self._metrics["train"]["kd_loss"].append(self._per_token(kd, denom, targets.numel()))
         self._metrics["train"]["ce_loss"].append(self._per_token(ce, denom, targets.numel()))
@@ -104,6 +103,14 @@ class RecoveryTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
         return (loss, outputs) if return_outputs else loss
+
+    def _kd(self, fwd: dict[str, Any], keep: torch.Tensor, logits: torch.Tensor, inputs: dict[str, Any]) -> Any:
+        """Per-token divergence from the parent: its cached top-k (finetune/kdcache.py) or a live forward."""
+        if self.kd_cache is not None:
+            return cached_divergence(logits, self.kd_cache.lookup(inputs), self.kd_loss, self.kd_temperature)
+        with torch.no_grad():
+            t_logits = answer_logits(self.teacher, fwd, keep).logits
+        return self.divergence(logits, t_logits.reshape(logits.shape), self.kd_temperature)
 
     def _per_token(self, value: torch.Tensor, denom: Any, n_local: int) -> float:
         """The loss as a per-answer-token mean of this micro-batch (for logging only)."""
