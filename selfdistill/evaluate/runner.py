@@ -49,10 +49,10 @@ def resolve_backend(backend: str, preset: str, paths: dict[str, str]) -> str:
 
     for name, path in paths.items():
         try:
-            reason = unservable_reason(AutoConfig.from_pretrained(path))
-        except (OSError, ValueError) as e:
-            reason = f"its config cannot be read ({type(e).__name__})"
-        if reason is not None:
+            config = AutoConfig.from_pretrained(path)
+        except Exception:  # noqa: BLE001 - a broken model fails when it loads, in its turn, naming itself
+            continue
+        if (reason := unservable_reason(config)) is not None:
             if backend == "auto":  # one backend for the whole run, so every model is scored alike
                 log.info("backend auto: hf, because %s: %s", name, reason)
                 return "hf"
