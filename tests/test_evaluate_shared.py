@@ -79,7 +79,7 @@ def test_log_likelihoods_equal_hflm_in_fp32(make_pairs):
     for (ll_a, greedy_a), (ll_b, greedy_b) in zip(want, got, strict=True):
         assert abs(ll_a - ll_b) < 1e-4 and greedy_a == greedy_b
     if make_pairs is shared_contexts:
-        assert seen[0] < 0.6 * hf_tokens  # each context was run once, not once per choice
+        assert seen[0] < 0.7 * hf_tokens  # each context was run once, not once per choice (padding counted)
 
 
 def test_greedy_flag_is_true_for_the_models_own_continuation():
