@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selfdistill.config import opt, to_dict
+from selfdistill.errors import UserError
 from selfdistill.evaluate.drift import drift, drift_many
 from selfdistill.evaluate.presets import PRESETS, TASKS_DIR, TaskSpec, check_data_dir, select_tasks
 from selfdistill.evaluate.retention import paired_bootstrap, per_doc, retention, signal_tasks, task_score
@@ -42,7 +43,9 @@ class EvalConfig:
     seed: int = opt(1234, "subset, few-shot and harness seed")
     apply_chat_template: bool = opt(False, "wrap prompts in the model's chat template (docs/evaluate.md)")
     max_gen_toks: int = opt(0, "generation cap for GSM8K (0: lm-eval's default 256)")
-    backend: Literal["hf", "vllm"] = opt("hf", "hf: HFLM around our loaded model; vllm: lm-eval's vLLM backend")
+    backend: Literal["auto", "hf", "shared", "vllm"] = opt(
+        "auto", "shared: each context run once for all its choices; hf: plain HFLM (the reference); vllm: "
+        "lm-eval's vLLM; auto: shared for the cpu and local presets, else hf (docs/evaluate.md)")
     tensor_parallel_size: int = opt(1, "vllm: GPUs per replica (replicas = launched processes / this)")
     bootstrap_iters: int = opt(2000, "paired bootstrap draws for retention differences")
     cache: bool = opt(True, "reuse cached scores of a model with the same hash and settings")
@@ -60,6 +63,8 @@ class EvalConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.backend != "vllm"):
             raise ValueError("--tensor-parallel-size must be >= 1, and above 1 only with --backend vllm")
+        if self.backend not in ("auto", "hf", "shared", "vllm"):  # the CLI checks the Literal; Python callers too
+            raise UserError(f"--backend: unknown backend '{self.backend}' (choose from auto, hf, shared, vllm)")
 
 
 def default_data_dir(value: str = "") -> Path | None:
@@ -81,7 +86,7 @@ def model_label(name: str, taken: set[str]) -> str:
     return label
 
 
-def _settings(cfg: EvalConfig, specs: dict[str, TaskSpec], dtype: str) -> dict[str, Any]:
+def _settings(cfg: EvalConfig, specs: dict[str, TaskSpec], dtype: str, backend: str) -> dict[str, Any]:
     from importlib.metadata import version
 
     from selfdistill.rundir import hash_path
@@ -90,7 +95,7 @@ def _settings(cfg: EvalConfig, specs: dict[str, TaskSpec], dtype: str) -> dict[s
             "selection": cfg.selection,
             "seed": cfg.seed, "batch_size": cfg.batch_size, "dtype": dtype,
             "apply_chat_template": cfg.apply_chat_template, "max_gen_toks": cfg.max_gen_toks or 256,
-            "backend": cfg.backend, "task_files_sha256": hash_path(TASKS_DIR),
+            "backend": backend, "task_files_sha256": hash_path(TASKS_DIR),
             "tasks": {k: dataclasses.asdict(s) | {"files": list(s.files)} for k, s in specs.items()}}
 
 
@@ -108,7 +113,7 @@ def _evaluate_one(name: str, path: str, cfg: EvalConfig, settings: dict[str, Any
     if cfg.cache and cached.is_file():
         log.info("%s: cached scores %s", name, cached)
         return json.loads(cached.read_text(encoding="utf-8")), True
-    lm = make_lm(name, path, backend=cfg.backend, dtype=settings["dtype"], device=device,
+    lm = make_lm(name, path, backend=settings["backend"], dtype=settings["dtype"], device=device,
                  batch_size=cfg.batch_size, max_length=None, tensor_parallel_size=cfg.tensor_parallel_size)
     t0 = time.time()
     if tasks["objs"] is None:  # built on first use, so a fully cached call never builds them
@@ -186,7 +191,7 @@ def _finite(x: Any) -> Any:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.baseline` and every `cfg.model`; write results/, scores.json/.md/.png, manifest.json."""
-    from selfdistill.evaluate.runner import vllm_steps_aside
+    from selfdistill.evaluate.runner import resolve_backend, vllm_steps_aside
     from selfdistill.guard import claim_output
     from selfdistill.models import check_safe_weights, resolve_model
 
@@ -202,22 +207,23 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = list(dict.fromkeys(([cfg.baseline] if cfg.baseline else []) + list(cfg.model)))
     paths = {n: resolve_model(n) for n in names}  # fails early, naming the model
+    backend = resolve_backend(cfg.backend, cfg.preset, paths)  # before any model loads
     for path in paths.values():
         check_safe_weights(path)  # lm-eval's own loaders (data parallel, vLLM) would skip load_model's check
     with claim_output(cfg.out, "evaluate", folder=True, overwrite=cfg.overwrite) as claim:
         claim.commit()  # results/ fills model by model: the record says whose folder it is meanwhile
-        return _evaluate_all(cfg, specs, data_dir, names, paths, started)
+        return _evaluate_all(cfg, specs, data_dir, names, paths, backend, started)
 
 
 def _evaluate_all(cfg: EvalConfig, specs: dict[str, TaskSpec], data_dir: Path | None, names: list[str],
-                  paths: dict[str, str], started: float) -> dict[str, Any]:
+                  paths: dict[str, str], backend: str, started: float) -> dict[str, Any]:
     from selfdistill.evaluate.outputs import bar_chart, write_markdown
     from selfdistill.evaluate.runner import task_manager
     from selfdistill.models import resolve_device, resolve_dtype
     from selfdistill.rundir import atomic_write_json, write_manifest
 
     device = resolve_device(cfg.device)
-    settings = _settings(cfg, specs, resolve_dtype(cfg.dtype, device))
+    settings = _settings(cfg, specs, resolve_dtype(cfg.dtype, device), backend)
     tasks = {"specs": specs, "tm": task_manager(specs, data_dir), "objs": None, "samples": None}
     out = Path(cfg.out)
     labels: set[str] = set()

@@ -45,9 +45,40 @@ def vllm_steps_aside() -> bool:
     return int(os.environ.get("RANK", "0")) != 0
 
 
+BACKENDS = ("auto", "hf", "shared", "vllm")
+# `auto` picks `shared` for the presets that run on our local task files (measured to give HFLM's scores,
+# docs/evaluate.md); the hub suite keeps plain HFLM, the leaderboard's own scorer.
+SHARED_BY_DEFAULT = ("cpu", "openllm-v1-local")
+
+
+def resolve_backend(backend: str, preset: str, paths: dict[str, str]) -> str:
+    """The backend every model of this run uses; `shared` is checked against each model's config, unloaded."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend: unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    if backend == "auto" and preset not in SHARED_BY_DEFAULT:
+        return "hf"
+    if backend not in ("auto", "shared"):
+        return backend
+    from transformers import AutoConfig
+
+    from selfdistill.evaluate.shared import unservable_reason
+
+    for name, path in paths.items():
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception:  # noqa: BLE001 - a broken model fails when it loads, in its turn, naming itself
+            continue
+        if (reason := unservable_reason(config)) is not None:
+            if backend == "auto":  # one backend for the whole run, so every model is scored alike
+                log.info("backend auto: hf, because %s: %s", name, reason)
+                return "hf"
+            raise UserError(f"--backend shared cannot serve --model {name}: {reason} (use --backend hf)")
+    return "shared"
+
+
 def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batch_size: int,
             max_length: int | None, tensor_parallel_size: int = 1) -> Any:
-    """An lm-eval LM: HFLM wrapping our loaded model, or lm-eval's vLLM backend."""
+    """An lm-eval LM: HFLM (or our shared-context subclass) wrapping our loaded model, or lm-eval's vLLM."""
     from selfdistill.models import check_safe_weights
 
     check_safe_weights(path)  # lm-eval loads `path` itself below (vLLM, data parallel): same refusal as ours
@@ -60,6 +91,9 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
                     **vllm_parallel(tensor_parallel_size))
     from lm_eval.models.huggingface import HFLM
 
+    from selfdistill.evaluate.shared import SharedContextLM
+
+    lm_class = SharedContextLM if backend == "shared" else HFLM
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Data parallel under `accelerate launch`/torchrun: HFLM must load the model itself to shard the requests.
         import torch
@@ -68,7 +102,7 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
             # Without this, accelerate on CPU sees one process per rank (each rank would evaluate everything)
             # and transformers' loader then probes CUDA and crashes; with it, ranks shard over gloo.
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-        return HFLM(pretrained=path, dtype=dtype, batch_size=batch_size, max_length=max_length)
+        return lm_class(pretrained=path, dtype=dtype, batch_size=batch_size, max_length=max_length)
     from selfdistill.models import load_model
 
     try:
@@ -77,7 +111,7 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad --model for the user
         raise UserError(f"--model {name}: cannot be loaded ({type(e).__name__}: {e})") from e
-    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length, device=device)
+    return lm_class(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length, device=device)
 
 
 def load_tasks(specs: dict[str, TaskSpec], tm: Any, *, limit: int | None, seed: int,
