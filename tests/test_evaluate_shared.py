@@ -206,3 +206,11 @@ def test_real_model_gives_hflm_log_likelihoods_on_every_local_task(tmp_path, rea
                 continue
             lls_a, lls_b = ([float(r[0]) for r in s["filtered_resps"]] for s in (a, b))
             assert max(abs(x - y) for x, y in zip(lls_a, lls_b, strict=True)) < 1e-4, (task, a["doc_id"])
+
+
+def test_backend_is_registered_with_lm_eval():
+    from lm_eval.api.registry import get_model
+
+    from selfdistill.evaluate.shared import SharedContextLM
+
+    assert get_model("selfdistill-shared") is SharedContextLM
