@@ -24,6 +24,7 @@ TINY_LIMITS = {
     "evaluate": {"limit": 2, "batch_size": 4, "max_gen_toks": 8, "cache": False, "bootstrap_iters": 20},
     "speculate": {"limit": 2, "max_new_tokens": 6, "hf_assisted": False},
     "profile": {"seq_len": 16, "runs": 1, "decode_tokens": 4},
+    "drift": {"batch_size": 2, "bootstrap_iters": 20},
 }
 
 
