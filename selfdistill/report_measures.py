@@ -64,8 +64,9 @@ def drift_blocks(run: Path) -> list[Block]:
         rows = [[label, fmt(c["kl"], 3), interval(c.get("kl_ci95")), fmt(c["agreement"], 1, 100),
                  interval(c.get("agreement_ci95"), 1, 100), c["prompts"], c["tokens"]]
                 for label, c in s["children"].items()]
+        split = "" if Path(s["source"]).is_file() else f"split {s['split']}, "  # a file has no splits
         blocks += [("p", f"**{name}**: {len(s['rows'])} rows of {Path(s['source']).name} "
-                         f"(split {s['split']}, from row {s['offset']}), none of them trained on."),
+                         f"({split}from row {s['offset']}), none of them trained on."),
                    ("table", ["child", "KL to parent", "95 % interval", "top-1 agreement %", "95 % interval",
                               "prompts", "tokens"], rows)]
         pairs = [[p["a"], p["b"], fmt(p["kl_diff"], 3), interval(p.get("kl_diff_ci95")),
