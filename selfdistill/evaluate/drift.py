@@ -158,13 +158,14 @@ def summarize(stats: Mapping[str, dict[str, list[float]]], iters: int, seed: int
     return {"children": children, "paired": paired}
 
 
-def drift_many(parent: Any, children: Mapping[str, Any], prompts: Sequence[Any], *, max_new_tokens: int = 128,
-               batch_size: int = 8, dtype: str = "float32", device: str | None = None, bootstrap_iters: int = 0,
-               seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Drift of several children on one prompt set: the parent answers once, children load one at a time.
+def measure(parent: Any, children: Mapping[str, Any], prompts: Sequence[Any], *, max_new_tokens: int = 128,
+            batch_size: int = 8, dtype: str = "float32", device: str | None = None, bootstrap_iters: int = 0,
+            seed: int = 0) -> dict[str, Any]:
+    """Drift of several children on one prompt set: {"children": per child, "paired": per pair}.
 
-    `parent`/children: a model name or path (loaded with `load_model`) or a `(model, tokenizer)` pair; all
-    must share a tokenizer. `prompts`: strings (user turns) or `data.Example`s."""
+    The parent answers once and children load one at a time. `parent`/children: a model name or path
+    (loaded with `load_model`) or a `(model, tokenizer)` pair; all must share a tokenizer. `prompts`:
+    strings (user turns) or `data.Example`s."""
     pm, tok = _load(parent, dtype, device)
     sequences = parent_answers(pm, tok, prompts, max_new_tokens, batch_size)
     stats = {}
@@ -177,7 +178,14 @@ def drift_many(parent: Any, children: Mapping[str, Any], prompts: Sequence[Any],
     for label, s in summary["children"].items():
         log.info("drift of %s over %d answer tokens: KL %.4f, agreement %.4f", label, s["tokens"], s["kl"],
                  s["agreement"])
-    return {**summary["children"], "_paired": summary["paired"]} if bootstrap_iters else summary["children"]
+    return summary
+
+
+def drift_many(parent: Any, children: Mapping[str, Any], prompts: Sequence[Any], *, max_new_tokens: int = 128,
+               batch_size: int = 8, dtype: str = "float32") -> dict[str, dict[str, Any]]:
+    """`measure`'s per-child figures, without intervals."""
+    return measure(parent, children, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   dtype=dtype)["children"]
 
 
 def drift(parent: Any, child: Any, prompts: Sequence[Any], *, max_new_tokens: int = 128, batch_size: int = 8,
@@ -197,10 +205,8 @@ def run_drift(cfg: DriftConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"parent": cfg.parent, "dtype": cfg.dtype, "device": device, "sets": {}}
     for s in cfg.sets:
         examples = load_examples(s.source, s.recipe, offset=s.offset, limit=s.limit, split=s.split, subset=s.subset)
-        out = drift_many(parent, cfg.children, examples, max_new_tokens=cfg.max_new_tokens,
-                         batch_size=cfg.batch_size, dtype=cfg.dtype, device=device,
-                         bootstrap_iters=cfg.bootstrap_iters, seed=cfg.seed)
-        paired = out.pop("_paired", [])
+        out = measure(parent, cfg.children, examples, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                      dtype=cfg.dtype, device=device, bootstrap_iters=cfg.bootstrap_iters, seed=cfg.seed)
         result["sets"][s.name] = {"source": s.source, "split": s.split, "offset": s.offset,
-                                  "rows": [e.id for e in examples], "children": out, "paired": paired}
+                                  "rows": [e.id for e in examples], **out}
     return result
