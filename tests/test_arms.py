@@ -72,12 +72,12 @@ def test_the_recovery_study_config_asks_for_what_the_issue_asks():
 
     old = row_epochs(study, study.resolved_arms()[0])
     arms = {a.name: a for a in new.resolved_arms()}
-    for name in ("sft", "sdd", "sdd-self", "sdd-partial-kd"):
+    for name in ("sft", "sdd", "sdd-self", "sdd-kd"):
         assert row_epochs(new, arms[name]) >= 4 * old, name
     assert arms["sft"].responses == "original" and arms["sdd"].responses == "distilled"
     assert "gsm8k-self" in arms["sdd-self"].data and "gsm8k-self" not in arms["sdd"].data
-    best = stage_config(new, "finetune", arms["sdd-partial-kd"].finetune, model="-", data="-", out="-")
-    assert best.method == "partial" and best.kd_cache and arms["sdd-partial-kd"].kd_weight > 0
+    best = stage_config(new, "finetune", arms["sdd-kd"].finetune, model="-", data="-", out="-")
+    assert best.method == "partial" and best.kd_cache and arms["sdd-kd"].kd_weight > 0
     for responses in ("original", "distilled"):  # the curve: >= 3 sizes per method
         sizes = {row_epochs(new, a) for a in arms.values() if a.responses == responses and a.kd_weight == 0
                  and not a.finetune and a.data == arms["sft"].data}
