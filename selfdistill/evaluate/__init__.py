@@ -21,7 +21,8 @@ from selfdistill.config import opt, to_dict
 from selfdistill.errors import UserError
 from selfdistill.evaluate.drift import drift, drift_many
 from selfdistill.evaluate.presets import PRESETS, TASKS_DIR, TaskSpec, check_data_dir, select_tasks
-from selfdistill.evaluate.retention import paired_bootstrap, per_doc, retention, signal_tasks, task_score
+from selfdistill.evaluate.retention import (paired_bootstrap, per_doc, retention, retention_interval, signal_tasks,
+                                           task_score)
 
 __all__ = ["EvalConfig", "evaluate", "drift", "drift_many", "PRESETS"]
 log = logging.getLogger(__name__)
@@ -164,11 +165,15 @@ def score_models(raw: dict[str, dict[str, Any]], specs: dict[str, TaskSpec], bas
     signal = signal_tasks(parent)
     out["chance_tasks"] = [t for t in specs if t not in signal]
     out["signal_tasks"] = signal
-    for m in models.values():
+    for name, m in models.items():
         full, sig = retention(m["tasks"], parent), retention(m["tasks"], parent, signal)
         m.update(retention=full["retention"], chance_corrected_retention=full["chance_corrected_retention"],
                  per_task_ratio=full["per_task_ratio"], per_task_chance_corrected=full["per_task_chance_corrected"],
                  retention_signal=sig["retention"], chance_corrected_retention_signal=sig["chance_corrected_retention"])
+        if name != baseline:  # the interval a plot's error bar shows: the child's items against the parent's
+            for key, tasks in (("retention_ci95", list(specs)), ("retention_signal_ci95", signal)):
+                m[key] = retention_interval({t: docs[name][t] for t in tasks}, {t: docs[baseline][t] for t in tasks},
+                                            iters=bootstrap_iters, seed=seed)
     children = [n for n in models if n != baseline]
     for a, b in itertools.combinations(children, 2):
         for which, tasks in (("all", list(specs)), ("signal", signal)):

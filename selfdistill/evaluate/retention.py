@@ -80,28 +80,35 @@ def retention(child: dict[str, dict[str, Any]], parent: dict[str, dict[str, Any]
     }
 
 
-def paired_bootstrap(a: dict[str, dict[Any, float]], b: dict[str, dict[Any, float]],
-                     parent: dict[str, dict[Any, float]], *, iters: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """95 % interval of retention(a) - retention(b) (and of the average difference), resampling the
-    documents of each task with replacement, the same draw for parent, a and b."""
-    tasks = [t for t in parent if t in a and t in b]
+def _resampled_means(docs: list[dict[str, dict[Any, float]]], iters: int,
+                     seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(tasks, full means [models], bootstrap means [iters, models]) of the task-averaged score of each of
+    `docs`, resampling each task's documents shared by all of them with replacement, one draw for all."""
+    tasks = [t for t in docs[0] if all(t in d for d in docs)]
     rng = np.random.default_rng(seed)
     cols = {}
     for t in tasks:
-        ids = sorted(set(parent[t]) & set(a[t]) & set(b[t]))
-        cols[t] = np.array([[parent[t][i], a[t][i], b[t][i]] for i in ids]).reshape(-1, 3)
+        ids = sorted(set.intersection(*(set(d[t]) for d in docs)))
+        cols[t] = np.array([[d[t][i] for d in docs] for i in ids]).reshape(-1, len(docs))
     tasks = [t for t in tasks if len(cols[t])]
-    if not tasks:
-        return {"tasks": [], "retention_diff": float("nan"), "ci95": [float("nan")] * 2, "iters": 0}
-    means = np.zeros((iters, len(tasks), 3))
+    means = np.zeros((iters, len(tasks), len(docs)))
     for j, t in enumerate(tasks):
         m = cols[t]
         idx = rng.integers(0, len(m), size=(iters, len(m)))
         means[:, j, :] = m[idx].mean(axis=1)
-    avg = means.mean(axis=1)  # iters x (parent, a, b)
+    full = np.array([cols[t].mean(axis=0) for t in tasks]).mean(axis=0) if tasks else np.zeros(len(docs))
+    return tasks, full, means.mean(axis=1)
+
+
+def paired_bootstrap(a: dict[str, dict[Any, float]], b: dict[str, dict[Any, float]],
+                     parent: dict[str, dict[Any, float]], *, iters: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """95 % interval of retention(a) - retention(b) (and of the average difference), resampling the
+    documents of each task with replacement, the same draw for parent, a and b."""
+    tasks, full, avg = _resampled_means([parent, a, b], iters, seed)  # avg: iters x (parent, a, b)
+    if not tasks:
+        return {"tasks": [], "retention_diff": float("nan"), "ci95": [float("nan")] * 2, "iters": 0}
     with np.errstate(divide="ignore", invalid="ignore"):
         ret_diff = (avg[:, 1] - avg[:, 2]) / avg[:, 0] * 100
-    full = np.array([cols[t].mean(axis=0) for t in tasks]).mean(axis=0)
     return {
         "tasks": tasks,
         "retention_diff": _ratio(full[1] - full[2], full[0]) if full[0] > 0 else float("nan"),
@@ -111,3 +118,14 @@ def paired_bootstrap(a: dict[str, dict[Any, float]], b: dict[str, dict[Any, floa
                               float(np.percentile(avg[:, 1] - avg[:, 2], 97.5))],
         "iters": iters,
     }
+
+
+def retention_interval(child: dict[str, dict[Any, float]], parent: dict[str, dict[Any, float]], *,
+                       iters: int = 2000, seed: int = 0) -> list[float]:
+    """95 % interval of retention(child) in % of the parent: the same documents drawn for both (paired)."""
+    tasks, _, avg = _resampled_means([parent, child], iters, seed)
+    if not tasks:
+        return [float("nan")] * 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = avg[:, 1] / avg[:, 0] * 100
+    return [float(np.nanpercentile(ratio, 2.5)), float(np.nanpercentile(ratio, 97.5))]

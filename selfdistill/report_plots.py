@@ -1,0 +1,104 @@
+"""The report's two plots: retention per child with its interval, and retention against cost.
+
+Both read the evaluate stage's `scores.json` (each child's retention and its paired-bootstrap 95 %
+interval against the parent) and, for cost, the profile stage's FLOPs per token. A plot is a
+picture of a table the report already prints, so each returns None when there is nothing to draw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from selfdistill.rundir import atomic_path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a CPU box or a CI runner
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def retention_key(scores: dict[str, Any]) -> tuple[str, str]:
+    """The retention the plots show: over the tasks with signal when some task sits at chance (a task at
+    chance only adds noise), else over all tasks — one bar per child, not the same bar twice."""
+    if scores.get("chance_tasks") and scores.get("signal_tasks"):
+        return "retention_signal", "retention, tasks with signal"
+    return "retention", "retention"
+
+
+def retention_points(scores: dict[str, Any], label: Any) -> list[tuple[str, float, list[float] | None]]:
+    """(label, retention, its 95 % interval or None) of every child: what both plots draw."""
+    key, _ = retention_key(scores)
+    out = []
+    for name, m in scores.get("models", {}).items():
+        if name == scores.get("baseline") or m.get(key) is None:
+            continue
+        ci = m.get(f"{key}_ci95")
+        out.append((label(name), float(m[key]), ci if ci and None not in ci else None))
+    return out
+
+
+def _error_bars(points: list[tuple[str, float, list[float] | None]]) -> list[list[float]]:
+    """Matplotlib's [below, above] distances from each value to its interval's ends (0 without one)."""
+    return [[v - ci[0] if ci else 0.0 for _, v, ci in points], [ci[1] - v if ci else 0.0 for _, v, ci in points]]
+
+
+def retention_plot(scores: dict[str, Any], out: Path, label: Any) -> Path | None:
+    """Bars of each child's retention with its 95 % interval; the parent is the 100 % line."""
+    points = retention_points(scores, label)
+    if not points:
+        return None
+    plt = _pyplot()
+    _, title = retention_key(scores)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(points) + 2), 3.2))
+    xs = range(len(points))
+    ax.bar(xs, [v for _, v, _ in points], 0.6, color="#4c72b0", yerr=_error_bars(points), capsize=4,
+           error_kw={"elinewidth": 1, "ecolor": "#333333"})
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle="--", label="parent")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([n for n, _, _ in points], rotation=30 if len(points) > 4 else 0, ha="right"
+                       if len(points) > 4 else "center", fontsize=8)
+    ax.set_ylabel("% of parent (95 % interval)")
+    ax.set_ylim(0, max(105, max((ci[1] if ci else v) for _, v, ci in points) + 5))
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(plt, fig, ax, title.capitalize() + " per child", out)
+
+
+def cost_plot(scores: dict[str, Any], flops: dict[str, float], out: Path, label: Any) -> Path | None:
+    """Retention (with its interval) against GFLOPs per token; the parent is the reference point at 100 %.
+
+    `flops` maps a label to its GFLOPs per token; children without their own profile share the pruned
+    shape's (every child of one run has it)."""
+    points = retention_points(scores, label)
+    parent = label(scores.get("baseline") or "")
+    child_flops = flops.get("pruned")
+    placed = [(n, v, ci, flops.get(n, child_flops)) for n, v, ci in points if flops.get(n, child_flops)]
+    if not placed or parent not in flops:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.scatter([flops[parent]], [100], marker="*", s=120, color="black", zorder=3)
+    ax.annotate("parent", (flops[parent], 100), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    # Children share one cost, so spread them a little sideways to keep their intervals readable.
+    width = 0.01 * flops[parent]
+    for i, (name, value, ci, x) in enumerate(placed):
+        x += (i - (len(placed) - 1) / 2) * width
+        ax.errorbar([x], [value], yerr=_error_bars([(name, value, ci)]), fmt="o", capsize=3, markersize=4)
+        ax.annotate(name, (x, value), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.axhline(100, color="grey", linewidth=0.6, linestyle="--")
+    ax.set_xlabel("GFLOPs per token (2 × parameters)")
+    ax.set_ylabel("retention, % of parent")
+    return _save(plt, fig, ax, "Retention vs cost", out)
