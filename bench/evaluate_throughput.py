@@ -7,6 +7,7 @@ the machine's load hits both alike. Per item it compares every choice's log-like
 acc / acc_norm outcome between the backends.
 
     .venv/bin/python bench/evaluate_throughput.py --items 300 --dtype bfloat16
+    .venv/bin/python bench/evaluate_throughput.py --items 300 --dtype bfloat16 --softmax-dtype model
     .venv/bin/python bench/evaluate_throughput.py --items 1200 --dtype float32 --rounds 1
 """
 
@@ -34,13 +35,14 @@ from selfdistill.models import DEFAULT_MODEL, load_model  # noqa: E402
 TASKS = ["arc_easy", "hellaswag"]
 
 
-def make_backend(name: str, model: Any, tok: Any, batch_size: int) -> Any:
+def make_backend(name: str, model: Any, tok: Any, batch_size: int, softmax_dtype: str) -> Any:
     from lm_eval.models.huggingface import HFLM
 
     from selfdistill.evaluate.shared import SharedContextLM
 
     cls = SharedContextLM if name == "shared" else HFLM
-    return cls(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(model.device))
+    softmax = {"softmax_dtype": softmax_dtype} if softmax_dtype != "model" else {}
+    return cls(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(model.device), **softmax)
 
 
 def per_item(res: dict[str, Any]) -> dict[tuple[str, Any], dict[str, Any]]:
@@ -90,6 +92,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=300, help="seeded items per task")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--softmax-dtype", default="float32", choices=["float32", "model"],
+                    help="both backends' log-softmax dtype (the evaluate stage's softmax_dtype)")
     ap.add_argument("--rounds", type=int, default=1, help="pairs of runs (hf+shared), order alternating")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default="", help="also write the figures here")
@@ -100,7 +104,7 @@ def main() -> None:
     objs, samples = load_tasks(specs, tm, limit=args.items, seed=args.seed)
     tasks = {"objs": objs, "samples": samples, "tm": tm}
     model, tok = load_model(DEFAULT_MODEL, dtype=args.dtype)
-    lms = {name: make_backend(name, model, tok, args.batch_size) for name in ("hf", "shared")}
+    lms = {name: make_backend(name, model, tok, args.batch_size, args.softmax_dtype) for name in ("hf", "shared")}
     n_items = args.items * len(TASKS)
     runs: dict[str, list[dict[str, float]]] = {"hf": [], "shared": []}
     items: dict[str, Any] = {}
@@ -112,7 +116,7 @@ def main() -> None:
             print(f"round {r} {name:6s}: {wall:7.1f} s wall ({model_s:.1f} s in loglikelihood), "
                   f"{n_items / wall:.2f} items/s", flush=True)
     best = {name: max(x["items_per_s"] for x in v) for name, v in runs.items()}
-    summary = {"items": n_items, "dtype": args.dtype, "batch_size": args.batch_size, "threads": _threads(),
+    summary = {"items": n_items, "dtype": args.dtype, "softmax_dtype": args.softmax_dtype, "batch_size": args.batch_size, "threads": _threads(),
                "runs": runs, "items_per_s": best, "ratio": best["shared"] / best["hf"],
                **compare(items["hf"], items["shared"])}
     print(json.dumps(summary, indent=1))

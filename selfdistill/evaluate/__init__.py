@@ -47,6 +47,10 @@ class EvalConfig:
     backend: Literal["auto", "hf", "shared", "vllm"] = opt(
         "auto", "shared: each context run once for all its choices; hf: plain HFLM (the reference); vllm: "
         "lm-eval's vLLM; auto: shared for the cpu and local presets, else hf (docs/evaluate.md)")
+    softmax_dtype: Literal["float32", "model"] = opt(
+        "float32", "dtype of the log-softmax over the vocabulary: float32, or model (the model's dtype, lm-eval's "
+        "default). A 16-bit log-softmax rounds a long answer's summed log-likelihood to steps of 0.25-1.0, "
+        "enough to swap two choices; the hf and shared backends honour it alike")
     tensor_parallel_size: int = opt(1, "vllm: GPUs per replica (replicas = launched processes / this)")
     bootstrap_iters: int = opt(2000, "paired bootstrap draws for retention differences")
     cache: bool = opt(True, "reuse cached scores of a model with the same hash and settings")
@@ -96,7 +100,7 @@ def _settings(cfg: EvalConfig, specs: dict[str, TaskSpec], dtype: str, backend: 
             "selection": cfg.selection,
             "seed": cfg.seed, "batch_size": cfg.batch_size, "dtype": dtype,
             "apply_chat_template": cfg.apply_chat_template, "max_gen_toks": cfg.max_gen_toks or 256,
-            "backend": backend, "task_files_sha256": hash_path(TASKS_DIR),
+            "backend": backend, "softmax_dtype": cfg.softmax_dtype, "task_files_sha256": hash_path(TASKS_DIR),
             "tasks": {k: dataclasses.asdict(s) | {"files": list(s.files)} for k, s in specs.items()}}
 
 
@@ -115,7 +119,8 @@ def _evaluate_one(name: str, path: str, cfg: EvalConfig, settings: dict[str, Any
         log.info("%s: cached scores %s", name, cached)
         return json.loads(cached.read_text(encoding="utf-8")), True
     lm = make_lm(name, path, backend=settings["backend"], dtype=settings["dtype"], device=device,
-                 batch_size=cfg.batch_size, max_length=None, tensor_parallel_size=cfg.tensor_parallel_size)
+                 batch_size=cfg.batch_size, max_length=None, tensor_parallel_size=cfg.tensor_parallel_size,
+                 softmax_dtype=cfg.softmax_dtype)
     t0 = time.time()
     if tasks["objs"] is None:  # built on first use, so a fully cached call never builds them
         tasks["objs"], tasks["samples"] = load_tasks(tasks["specs"], tasks["tm"], limit=cfg.limit, seed=cfg.seed,

@@ -77,8 +77,10 @@ def resolve_backend(backend: str, preset: str, paths: dict[str, str]) -> str:
 
 
 def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batch_size: int,
-            max_length: int | None, tensor_parallel_size: int = 1) -> Any:
-    """An lm-eval LM: HFLM (or our shared-context subclass) wrapping our loaded model, or lm-eval's vLLM."""
+            max_length: int | None, tensor_parallel_size: int = 1, softmax_dtype: str = "float32") -> Any:
+    """An lm-eval LM: HFLM (or our shared-context subclass) wrapping our loaded model, or lm-eval's vLLM.
+
+    `softmax_dtype` "model" leaves HFLM's default (the logits' dtype); vLLM computes its own log-probs."""
     from selfdistill.models import check_safe_weights
 
     check_safe_weights(path)  # lm-eval loads `path` itself below (vLLM, data parallel): same refusal as ours
@@ -94,6 +96,7 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
     from selfdistill.evaluate.shared import SharedContextLM
 
     lm_class = SharedContextLM if backend == "shared" else HFLM
+    softmax = {"softmax_dtype": softmax_dtype} if softmax_dtype != "model" else {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Data parallel under `accelerate launch`/torchrun: HFLM must load the model itself to shard the requests.
         import torch
@@ -102,7 +105,7 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
             # Without this, accelerate on CPU sees one process per rank (each rank would evaluate everything)
             # and transformers' loader then probes CUDA and crashes; with it, ranks shard over gloo.
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-        return lm_class(pretrained=path, dtype=dtype, batch_size=batch_size, max_length=max_length)
+        return lm_class(pretrained=path, dtype=dtype, batch_size=batch_size, max_length=max_length, **softmax)
     from selfdistill.models import load_model
 
     try:
@@ -111,7 +114,8 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad --model for the user
         raise UserError(f"--model {name}: cannot be loaded ({type(e).__name__}: {e})") from e
-    return lm_class(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length, device=device)
+    return lm_class(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length, device=device,
+                    **softmax)
 
 
 def load_tasks(specs: dict[str, TaskSpec], tm: Any, *, limit: int | None, seed: int,
