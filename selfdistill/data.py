@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.errors import UserError
+from selfdistill.paths import looks_like_hub_dataset
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def load_examples(source: str | Path, recipe: str | None = None, *, fields: dict
         if path.is_dir():
             raise UserError(f"{path} is a folder; give a data file (.jsonl, .json, .csv, .parquet)")
         rows = read_rows(path)
-    elif "/" in str(source) and not str(source).startswith((".", "/", "~")) and path.suffix == "":
+    elif looks_like_hub_dataset(source):
         rows = _read_hub(str(source), split, subset)
     else:
         raise UserError(f"dataset not found: {source}")

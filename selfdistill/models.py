@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.errors import UserError
+from selfdistill.paths import looks_like_hub_id
 from selfdistill.rundir import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,6 @@ def builtin_gguf(alias: str) -> Path:
     return path
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
 def resolve_model(name: str | Path) -> str:
     """Map an alias, GGUF file, local folder or hub id to something `from_pretrained` loads."""
     name = str(name)
@@ -77,7 +73,7 @@ def resolve_model(name: str | Path) -> str:
         return str(path)
     if path.exists():
         raise UserError(f"{path} is neither a model folder nor a .gguf file")
-    if _looks_like_hub_id(name):
+    if looks_like_hub_id(name):
         return name
     known = ", ".join(BUILTIN_MODELS)
     raise UserError(f"model not found: '{name}' (not a folder, a .gguf file, a hub id, "

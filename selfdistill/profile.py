@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from selfdistill.config import opt
 from selfdistill.models import DEFAULT_MODEL, cache_kwargs
 from selfdistill.rundir import atomic_write_json, atomic_write_text
+from selfdistill.tables import fmt, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -213,19 +214,12 @@ def _threads() -> int:
 
 def table(result: dict[str, Any]) -> str:
     """One Markdown row per model."""
-    lines = [f"seq_len {result['seq_len']}, {result['dtype']} on {result['device']} ({result['threads']} threads), "
-             f"median of {result['runs']} runs.", "",
-             "| model | layers | params | param reduction | FLOPs/token (2N) | FLOPs/token executed | "
-             "executed reduction | prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["models"]:
-        executed, reduction = r.get("flops_per_token_executed"), r.get("executed_flops_reduction_pct")
-        lines.append(
-            f"| {r['model']} | {r['layers']} | {r['parameters']['total'] / 1e6:.1f} M | "
-            f"{r['param_reduction_pct']:.2f} % | {r['flops_per_token_paper'] / 1e6:.1f} M | "
-            f"{_fmt(executed, 1e-6, ' M')} | {_fmt(reduction, 1, ' %', 2)} | "
-            f"{_fmt(r.get('prefill_tokens_per_s'))} | {_fmt(r.get('decode_tokens_per_s'))} |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value: float | None, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
-    return "–" if value is None else f"{value * scale:.{digits}f}{unit}"
+    headers = ["model", "layers", "params", "param reduction", "FLOPs/token (2N)", "FLOPs/token executed",
+               "executed reduction", "prefill tok/s", "decode tok/s"]
+    rows = [[r["model"], r["layers"], fmt(r["parameters"]["total"], 1, 1e-6, " M"), fmt(r["param_reduction_pct"], 2, unit=" %"),
+             fmt(r["flops_per_token_paper"], 1, 1e-6, " M"), fmt(r.get("flops_per_token_executed"), 1, 1e-6, " M"),
+             fmt(r.get("executed_flops_reduction_pct"), 2, unit=" %"), fmt(r.get("prefill_tokens_per_s")),
+             fmt(r.get("decode_tokens_per_s"))] for r in result["models"]]
+    head = (f"seq_len {result['seq_len']}, {result['dtype']} on {result['device']} ({result['threads']} threads), "
+            f"median of {result['runs']} runs.")
+    return "\n".join([head, "", *markdown_table(headers, rows)]) + "\n"

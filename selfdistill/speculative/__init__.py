@@ -22,6 +22,7 @@ from selfdistill.guard import claim_output
 from selfdistill.models import DEFAULT_MODEL, stop_token_ids
 from selfdistill.rundir import atomic_write_json, atomic_write_text
 from selfdistill.speculative.loop import ModelRunner, SpecStats, speculative_generate
+from selfdistill.tables import fmt, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -197,15 +198,13 @@ def _speculate(cfg: SpeculateConfig, prompts: list[list[int]], rows: list[str]) 
 
 def table(result: dict[str, Any]) -> str:
     """One Markdown row per draft."""
-    lines = [f"Target `{result['target']}`, k = {result['k']}, {result['prompts']} prompts, "
-             f"{result['target_tokens']} target tokens, target alone {result['time_target_alone_s']:.1f} s.", "",
-             "| draft | layers | acceptance rate | MAL | per position | target passes | ours (s) | speed-up | "
-             "HF assisted (s) | speed-up | lossless |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["drafts"]:
-        pos = " ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
-        hf = (f"{r['time_hf_assisted_s']:.1f} | {r['speedup_hf_assisted']:.2f}×" if "time_hf_assisted_s" in r
-              else "– | –")
-        lines.append(f"| {r['draft']} | {r['layers']} | {r['draft_acceptance_rate']:.3f} | "
-                     f"{r['mean_acceptance_length']:.2f} | {pos} | {r['target_forward_passes']} | "
-                     f"{r['time_ours_s']:.1f} | {r['speedup_ours']:.2f}× | {hf} | {'yes' if r['lossless'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    headers = ["draft", "layers", "acceptance rate", "MAL", "per position", "target passes", "ours (s)", "speed-up",
+               "HF assisted (s)", "speed-up", "lossless"]
+    rows = [[r["draft"], r["layers"], fmt(r["draft_acceptance_rate"], 3), fmt(r["mean_acceptance_length"], 2),
+             " ".join(f"{a:.2f}" for a in r["acceptance_per_position"]), r["target_forward_passes"],
+             fmt(r["time_ours_s"]), fmt(r["speedup_ours"], 2, unit="×"), fmt(r.get("time_hf_assisted_s")),
+             fmt(r.get("speedup_hf_assisted"), 2, unit="×"), "yes" if r["lossless"] else "NO"]
+            for r in result["drafts"]]
+    head = (f"Target `{result['target']}`, k = {result['k']}, {result['prompts']} prompts, "
+            f"{result['target_tokens']} target tokens, target alone {result['time_target_alone_s']:.1f} s.")
+    return "\n".join([head, "", *markdown_table(headers, rows)]) + "\n"
