@@ -14,35 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from selfdistill.config import opt
-from selfdistill.models import DEFAULT_MODEL, cache_kwargs
+from selfdistill.console import progress
+from selfdistill.models import DEFAULT_MODEL, cache_kwargs, count_parameters, paper_flops_per_token
 from selfdistill.rundir import atomic_write_json, atomic_write_text
 from selfdistill.tables import fmt, markdown_table
 
 log = logging.getLogger(__name__)
-
-
-def count_parameters(model: Any) -> dict[str, int]:
-    """Unique parameters (tied embeddings counted once), the embedding share, and per decoder layer."""
-    from selfdistill.models import decoder_layers
-
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    embedding = model.get_input_embeddings().weight.numel()
-    layers = decoder_layers(model)
-    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "per_layer": per_layer}
-
-
-def paper_flops_per_token(parameters: int) -> int:
-    """The paper's count: 2 FLOPs per parameter per token, embeddings included."""
-    return 2 * parameters
 
 
 # --- the `profile` stage -------------------------------------------------------------------------
@@ -58,7 +36,7 @@ class ProfileConfig:
     device: str = opt("cpu", "device: cpu, cuda or auto")
     executed_flops: bool = opt(True, "count executed FLOPs with torch's FlopCounterMode (eager attention)")
     latency: bool = opt(True, "measure prefill and decode tokens/s")
-    out: Path | None = opt(None, "JSON file for the results (a Markdown table is written beside it)")
+    out: str = opt("", "JSON file for the results (a Markdown table is written beside it); none: only returned")
     overwrite: bool = opt(False, "replace an existing --out that profile did not write", keyed=False)
 
     def __post_init__(self) -> None:
@@ -139,7 +117,7 @@ def measure_latency(models: list[Any], seq_len: int, decode_tokens: int, runs: i
     for model in models:
         with torch.inference_mode():
             model(input_ids=_random_ids(model, 8))  # warm-up: first-call allocations are not latency
-    for _ in tqdm(range(runs), desc="latency", leave=False):
+    for _ in progress(range(runs), desc="latency"):
         for i, model in enumerate(models):
             samples[i].append(_time_once(model, _random_ids(model, seq_len), decode_tokens))
     return [{"prefill_tokens_per_s": statistics.median(p for p, _ in runs_),
@@ -178,7 +156,7 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
 
     for name in cfg.model:
         resolve_model(name)  # a missing model is named before the others load
-    if cfg.out is None:
+    if not cfg.out:
         return _profile(cfg)
     out = Path(cfg.out)
     with claim_output(out, "profile", folder=False, overwrite=cfg.overwrite,
@@ -193,14 +171,14 @@ def _profile(cfg: ProfileConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     models = [load_model(name, dtype=dtype, device=device, with_tokenizer=False)[0] for name in cfg.model]
-    rows = [static_profile(name, model, cfg) for name, model in zip(cfg.model, tqdm(models, desc="FLOPs", leave=False))]
+    rows = [static_profile(name, model, cfg) for name, model in zip(cfg.model, progress(models, desc="FLOPs"))]
     if cfg.latency:
         for row, timing in zip(rows, measure_latency(models, cfg.seq_len, cfg.decode_tokens, cfg.runs)):
             row.update(timing)
     _relative(rows)
     result = {"seq_len": cfg.seq_len, "decode_tokens": cfg.decode_tokens, "runs": cfg.runs, "dtype": dtype,
               "device": device, "threads": _threads(), "models": rows}
-    if cfg.out is not None:
+    if cfg.out:
         atomic_write_json(cfg.out, result)
         atomic_write_text(Path(cfg.out).with_suffix(".md"), table(result))
     return result
