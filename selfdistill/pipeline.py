@@ -252,7 +252,7 @@ def _headline(root: Path, report: dict[str, Any]) -> None:
     say("report: %s", report["report_md"])
     scores_file = stage_output(root, "evaluate")
     scores = json.loads(scores_file.read_text(encoding="utf-8")) if scores_file.is_file() else {}
-    retention = [f"{Path(name).name} {fmt(m.get('retention'))} %" for name, m in scores.get("models", {}).items()
+    retention = [f"{Path(name).name} {fmt(m.get('retention'), unit=' %')}" for name, m in scores.get("models", {}).items()
                  if name != scores.get("baseline")]
     if retention:
         say("retention (child / parent average): %s", ", ".join(retention))
