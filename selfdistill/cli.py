@@ -146,9 +146,9 @@ def _command(name: str, argv: list[str]) -> int:
 
 def _single_stage(name: str, function: Any, cfg: Any) -> Any:
     """One stage outside a run: its start and end on the terminal, the libraries' output in run.log beside
-    its output (in the run directory for `report`, in the current folder when there is no --out)."""
+    its output (in the run directory for `report`; none for a stage that writes no --out)."""
     out = getattr(cfg, "out", "")
-    console.open_run_log(getattr(cfg, "run_dir", "") or (Path(out).parent if out else Path.cwd()))
+    console.open_run_log(getattr(cfg, "run_dir", "") or (Path(out).parent if out else None))
     console.say("%s ...", name)
     started = time.time()
     result = function(cfg)

@@ -76,31 +76,33 @@ class RunLog(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.setFormatter(logging.Formatter(_FORMAT))
-        self.pending: list[logging.LogRecord] = []
+        self.pending: list[logging.LogRecord] | None = []  # None: no log for this command
         self.file: TextIO | None = None
         self.path: Path | None = None
 
-    def open(self, folder: str | Path) -> None:
-        path = Path(folder) / LOG_NAME
-        if self.path == path:
+    def open(self, folder: str | Path | None) -> None:
+        """Write to `folder`/run.log from now on, the records so far first; None: keep no log."""
+        path = Path(folder) / LOG_NAME if folder else None
+        if path is not None and self.path == path:
             return
         self.close_file()
+        pending, self.pending = self.pending or [], None
+        if path is None:
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close_file
         except OSError:
-            self.pending.clear()  # an unwritable folder: the stage reports it itself, in one line
-            return
+            return  # an unwritable folder: the stage reports it itself, in one line
         self.path = path
-        for record in self.pending:
+        for record in pending:
             self.emit(record)
-        self.pending.clear()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.file is None:
-            self.pending.append(record)
-        else:
+        if self.file is not None:
             self.file.write(self.format(record) + "\n")
+        elif self.pending is not None:
+            self.pending.append(record)
 
     def close_file(self) -> None:
         if self.file is not None:
@@ -115,8 +117,9 @@ class RunLog(logging.Handler):
 _run_log: RunLog | None = None
 
 
-def open_run_log(folder: str | Path) -> None:
-    """Start writing the run log in `folder` (a no-op outside the CLI, which owns the process's logging)."""
+def open_run_log(folder: str | Path | None) -> None:
+    """Start writing the run log in `folder`, or keep none (None); a no-op outside the CLI, which owns the
+    process's logging."""
     if _run_log is not None:
         _run_log.open(folder)
 
