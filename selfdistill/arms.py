@@ -18,9 +18,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from selfdistill.config import from_dict, opt
+from selfdistill.stages import BY_NAME, TABLE
 
-# Folder names of other stages in the run directory, which an arm's folder must not take.
-RESERVED = ("parent-eval", "pruned", "merged", "evaluate", "drift", "speculate", "profile", "report", "kd-cache")
+# Folder names of other stages in the run directory (and the KD caches' folder), which an arm's must not take.
+RESERVED = (*(s.folder for s in TABLE if "{}" not in s.folder), "kd-cache")
+_DISTILL_PREFIX = BY_NAME["distill"].folder.split("{}")[0]
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class ArmSpec:
     finetune: dict[str, Any] = opt({}, "FinetuneConfig fields that override the shared finetune section")
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name in RESERVED or self.name.startswith("distill-"):
+        if not self.name or "/" in self.name or self.name in RESERVED or self.name.startswith(_DISTILL_PREFIX):
             raise ValueError(f"arm name '{self.name}' must be non-empty, without '/', and not a stage folder")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"arm '{self.name}': kd_weight must be in [0, 1]")

@@ -2,7 +2,8 @@
 
 Every command takes an optional YAML file (a stage section or a whole pipeline config), dotted
 `key=value` overrides, and one `--flag` per config field. Bad input ends with one line on stderr
-and exit code 2; the stage modules are imported only for the command that runs.
+and exit code 2; the stage modules are imported only for the command that runs. The terminal shows
+our own progress; the libraries' logs, warnings and bars go to run.log (selfdistill/console.py).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import argparse
 import dataclasses
 import importlib
 import json
-import logging
 import sys
+import time
 import typing
+from pathlib import Path
 from typing import Any
 
-from selfdistill import __version__
+from selfdistill import __version__, console
 from selfdistill.config import apply_overrides, field_help, from_dict, read_yaml
 from selfdistill.errors import UserError
 
@@ -112,20 +114,25 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])
         return 2
-    name = argv[0]
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Known before any stage module is imported: the libraries read their quiet switches on import.
+    with console.terminal(verbose="--verbose" in argv[1:]):
+        return _command(argv[0], argv[1:])
+
+
+def _command(name: str, argv: list[str]) -> int:
     try:
         cls, function = _stage(name)
         cmd = argparse.ArgumentParser(prog=f"selfdistill {name}", description=COMMANDS[name][3])
         cmd.add_argument("positionals", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
         cmd.add_argument("--config", default=None, help="YAML config (a stage section or a pipeline file)")
+        cmd.add_argument("--verbose", action="store_true", help="also show the libraries' logs, warnings and "
+                         f"progress bars on the terminal (they always go to {console.LOG_NAME})")
         _add_field_flags(cmd, cls)
-        args = vars(cmd.parse_intermixed_args(argv[1:]))
+        args = vars(cmd.parse_intermixed_args(argv))
         positionals, config_path = args.pop("positionals"), args.pop("config")
+        args.pop("verbose")
         cfg = build_config(name, cls, positionals, args, config_path)
-        result = function(cfg)
+        result = function(cfg) if name == "run" else _single_stage(name, function, cfg)
     except UserError as e:
         print(f"selfdistill: error: {e}", file=sys.stderr)
         return 2
@@ -135,3 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _single_stage(name: str, function: Any, cfg: Any) -> Any:
+    """One stage outside a run: its start and end on the terminal, the libraries' output in run.log beside
+    its output (in the run directory for `report`; none for a stage that writes no --out)."""
+    out = getattr(cfg, "out", "")
+    console.open_run_log(getattr(cfg, "run_dir", "") or (Path(out).parent if out else None))
+    console.say("%s ...", name)
+    started = time.time()
+    result = function(cfg)
+    console.say("%s done in %s", name, console.duration(time.time() - started))
+    return result

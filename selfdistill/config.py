@@ -20,16 +20,15 @@ from selfdistill.errors import UserError
 T = TypeVar("T")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", keyed_when_changed: bool = False, keyed: bool = True,
+def opt(default: Any = dataclasses.MISSING, help: str = "", keyed: bool = True, keyed_when_changed: bool = False,
         **kwargs: Any) -> Any:
     """A dataclass field with a help text (shown by `--help`); list/dict defaults are copied per instance.
 
-    `keyed_when_changed`: the field enters a stage key (`key_dict`) only when set away from its default. For
-    settings added after runs exist: at the default, those runs keep their keys and are not redone.
-    `keyed=False`: never in a stage key — flags on how to treat an existing output (`overwrite`, `restart`)
-    change no result.
+    `keyed=False`: never in a stage key (stages.key_config) — flags on how to treat an existing output
+    (`overwrite`, `restart`) change no result. `keyed_when_changed` has no effect: it kept old runs' keys,
+    and is accepted only until selfdistill/distill stops passing it.
     """
-    meta = {"help": help, "keyed_when_changed": keyed_when_changed, "keyed": keyed}
+    meta = {"help": help, "keyed": keyed}
     if isinstance(default, (list, dict)):
         value = default.copy()
         return dataclasses.field(default_factory=lambda: value.copy(), metadata=meta, **kwargs)
@@ -48,18 +47,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; allow int->float and str->Path, nothing looser."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except UserError as e:
-                errors.append(str(e))
-        raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+        return _coerce_union(value, tp, key)
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
             choices = ", ".join(map(str, typing.get_args(tp)))
@@ -70,22 +58,45 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
         return dict(value)
     if origin in (list, tuple):
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        if item_tp is not str and isinstance(value, (str, list, tuple)):
-            # "0.25,0.5" from YAML or `--t-grid 0.25,0.5` (which argparse hands over as ["0.25,0.5"])
-            parts = [value] if isinstance(value, str) else value
-            value = [yaml.safe_load(p) if isinstance(p, str) else p
-                     for part in parts for p in (part.split(",") if isinstance(part, str) else [part])
-                     if not isinstance(p, str) or p.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}': expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return _coerce_list(value, tp, key)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
             raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member of `A | B | None` that accepts `value`."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except UserError:
+            continue
+    raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_list(value: Any, tp: Any, key: str) -> list[Any]:
+    (item_tp, *_) = typing.get_args(tp) or (Any,)
+    if item_tp is not str and isinstance(value, (str, list, tuple)):
+        # "0.25,0.5" from YAML or `--t-grid 0.25,0.5` (which argparse hands over as ["0.25,0.5"])
+        parts = [value] if isinstance(value, str) else value
+        value = [yaml.safe_load(p) if isinstance(p, str) else p
+                 for part in parts for p in (part.split(",") if isinstance(part, str) else [part])
+                 if not isinstance(p, str) or p.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"config key '{key}': expected a list, got {value!r}")
+    return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -133,23 +144,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return plain(dataclasses.asdict(cfg))
-
-
-def key_dict(cfg: Any) -> dict[str, Any]:
-    """`to_dict`, less the `keyed_when_changed` fields still at their defaults (nested configs too)."""
-    out = to_dict(cfg)
-
-    def prune(obj: Any, plain: dict[str, Any]) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                prune(value, plain[f.name])
-            elif not f.metadata.get("keyed", True) or (f.metadata.get("keyed_when_changed") and value == f.default
-                                                        and f.default is not dataclasses.MISSING):
-                del plain[f.name]
-
-    prune(cfg, out)
-    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.errors import UserError
+from selfdistill.paths import looks_like_hub_dataset
 
 log = logging.getLogger(__name__)
 
@@ -100,49 +101,15 @@ def generic_recipe(fields: dict[str, str], kind: str = "general") -> Recipe:
 
 
 def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ("file:line", row) for JSONL / JSON / CSV / TSV / parquet files."""
+    """Yield ("file:line", row) for JSONL / JSON / CSV / TSV / parquet files; a bad row is yielded as the
+    UserError that names it, so the caller decides whether it stops the run."""
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.bz2")):
-        opener = bz2.open if name.endswith(".bz2") else open
-        with opener(path, "rb") as f:
-            for i, raw in enumerate(f, 1):
-                where = f"{path}:{i}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield where, UserError(f"{where}: line is not valid UTF-8")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, UserError(f"{where}: invalid JSON ({e.msg})")
-                    continue
-                yield where, row if isinstance(row, dict) else UserError(f"{where}: row is not an object")
+        yield from _jsonl_rows(path, bz2.open if name.endswith(".bz2") else open)
     elif name.endswith(".json"):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: file is not valid UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
-            lists = [v for v in data.values() if isinstance(v, list)]
-            data = lists[0] if len(lists) == 1 else None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON array of objects")
-        for i, row in enumerate(data, 1):
-            where = f"{path}: row {i}"
-            yield where, row if isinstance(row, dict) else UserError(f"{where}: row is not an object")
+        yield from _json_rows(path)
     elif name.endswith((".csv", ".tsv")):
-        try:
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
-                for i, row in enumerate(reader, 2):
-                    yield f"{path}:{i}", dict(row)
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: file is not valid UTF-8") from None
+        yield from _csv_rows(path, "\t" if name.endswith(".tsv") else ",")
     elif name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -150,6 +117,51 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path}: row {i}", row
     else:
         raise UserError(f"{path}: unsupported file type (use .jsonl, .json, .csv, .tsv or .parquet)")
+
+
+def _jsonl_rows(path: Path, opener: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
+    with opener(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            where = f"{path}:{i}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield where, UserError(f"{where}: line is not valid UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, UserError(f"{where}: invalid JSON ({e.msg})")
+                continue
+            yield where, row if isinstance(row, dict) else UserError(f"{where}: row is not an object")
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: file is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of objects")
+    for i, row in enumerate(data, 1):
+        where = f"{path}: row {i}"
+        yield where, row if isinstance(row, dict) else UserError(f"{where}: row is not an object")
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for i, row in enumerate(csv.DictReader(f, delimiter=delimiter), 2):  # line 1 is the header
+                yield f"{path}:{i}", dict(row)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: file is not valid UTF-8") from None
 
 
 def _read_hub(dataset_id: str, split: str, subset: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -164,7 +176,8 @@ def _read_hub(dataset_id: str, split: str, subset: str | None) -> Iterator[tuple
         yield f"{dataset_id}[{split}] row {i}", row
 
 
-def _pick(row: dict[str, Any], names: tuple[str, ...]) -> tuple[str | None, Any]:
+def _first_field(row: dict[str, Any], names: tuple[str, ...]) -> tuple[str | None, Any]:
+    """The first of `names` that `row` has, and its value; (None, None) when it has none."""
     for name in names:
         if name in row:
             return name, row[name]
@@ -181,7 +194,7 @@ def _example(row: dict[str, Any], where: str, index: int, recipe: Recipe, name: 
     texts = {}
     for part in ("prompt", "response", "context", "final_answer"):
         names = getattr(recipe, part)
-        key, value = _pick(row, names)
+        key, value = _first_field(row, names)
         if key is None:
             if part in ("prompt", "response") and names:
                 raise UserError(f"{where}: missing field '{names[0]}' (recipe {name})")
@@ -218,7 +231,7 @@ def load_examples(source: str | Path, recipe: str | None = None, *, fields: dict
         if path.is_dir():
             raise UserError(f"{path} is a folder; give a data file (.jsonl, .json, .csv, .parquet)")
         rows = read_rows(path)
-    elif "/" in str(source) and not str(source).startswith((".", "/", "~")) and path.suffix == "":
+    elif looks_like_hub_dataset(source):
         rows = _read_hub(str(source), split, subset)
     else:
         raise UserError(f"dataset not found: {source}")

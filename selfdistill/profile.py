@@ -14,34 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from selfdistill.config import opt
-from selfdistill.models import DEFAULT_MODEL, cache_kwargs
+from selfdistill.console import progress
+from selfdistill.models import DEFAULT_MODEL, cache_kwargs, count_parameters, paper_flops_per_token
 from selfdistill.rundir import atomic_write_json, atomic_write_text
+from selfdistill.tables import fmt, markdown_table
 
 log = logging.getLogger(__name__)
-
-
-def count_parameters(model: Any) -> dict[str, int]:
-    """Unique parameters (tied embeddings counted once), the embedding share, and per decoder layer."""
-    from selfdistill.models import decoder_layers
-
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    embedding = model.get_input_embeddings().weight.numel()
-    layers = decoder_layers(model)
-    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "per_layer": per_layer}
-
-
-def paper_flops_per_token(parameters: int) -> int:
-    """The paper's count: 2 FLOPs per parameter per token, embeddings included."""
-    return 2 * parameters
 
 
 # --- the `profile` stage -------------------------------------------------------------------------
@@ -57,7 +36,7 @@ class ProfileConfig:
     device: str = opt("cpu", "device: cpu, cuda or auto")
     executed_flops: bool = opt(True, "count executed FLOPs with torch's FlopCounterMode (eager attention)")
     latency: bool = opt(True, "measure prefill and decode tokens/s")
-    out: Path | None = opt(None, "JSON file for the results (a Markdown table is written beside it)")
+    out: str = opt("", "JSON file for the results (a Markdown table is written beside it); none: only returned")
     overwrite: bool = opt(False, "replace an existing --out that profile did not write", keyed=False)
 
     def __post_init__(self) -> None:
@@ -138,7 +117,7 @@ def measure_latency(models: list[Any], seq_len: int, decode_tokens: int, runs: i
     for model in models:
         with torch.inference_mode():
             model(input_ids=_random_ids(model, 8))  # warm-up: first-call allocations are not latency
-    for _ in tqdm(range(runs), desc="latency", leave=False):
+    for _ in progress(range(runs), desc="latency"):
         for i, model in enumerate(models):
             samples[i].append(_time_once(model, _random_ids(model, seq_len), decode_tokens))
     return [{"prefill_tokens_per_s": statistics.median(p for p, _ in runs_),
@@ -177,7 +156,7 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
 
     for name in cfg.model:
         resolve_model(name)  # a missing model is named before the others load
-    if cfg.out is None:
+    if not cfg.out:
         return _profile(cfg)
     out = Path(cfg.out)
     with claim_output(out, "profile", folder=False, overwrite=cfg.overwrite,
@@ -192,14 +171,14 @@ def _profile(cfg: ProfileConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     models = [load_model(name, dtype=dtype, device=device, with_tokenizer=False)[0] for name in cfg.model]
-    rows = [static_profile(name, model, cfg) for name, model in zip(cfg.model, tqdm(models, desc="FLOPs", leave=False))]
+    rows = [static_profile(name, model, cfg) for name, model in zip(cfg.model, progress(models, desc="FLOPs"))]
     if cfg.latency:
         for row, timing in zip(rows, measure_latency(models, cfg.seq_len, cfg.decode_tokens, cfg.runs)):
             row.update(timing)
     _relative(rows)
     result = {"seq_len": cfg.seq_len, "decode_tokens": cfg.decode_tokens, "runs": cfg.runs, "dtype": dtype,
               "device": device, "threads": _threads(), "models": rows}
-    if cfg.out is not None:
+    if cfg.out:
         atomic_write_json(cfg.out, result)
         atomic_write_text(Path(cfg.out).with_suffix(".md"), table(result))
     return result
@@ -213,19 +192,12 @@ def _threads() -> int:
 
 def table(result: dict[str, Any]) -> str:
     """One Markdown row per model."""
-    lines = [f"seq_len {result['seq_len']}, {result['dtype']} on {result['device']} ({result['threads']} threads), "
-             f"median of {result['runs']} runs.", "",
-             "| model | layers | params | param reduction | FLOPs/token (2N) | FLOPs/token executed | "
-             "executed reduction | prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["models"]:
-        executed, reduction = r.get("flops_per_token_executed"), r.get("executed_flops_reduction_pct")
-        lines.append(
-            f"| {r['model']} | {r['layers']} | {r['parameters']['total'] / 1e6:.1f} M | "
-            f"{r['param_reduction_pct']:.2f} % | {r['flops_per_token_paper'] / 1e6:.1f} M | "
-            f"{_fmt(executed, 1e-6, ' M')} | {_fmt(reduction, 1, ' %', 2)} | "
-            f"{_fmt(r.get('prefill_tokens_per_s'))} | {_fmt(r.get('decode_tokens_per_s'))} |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value: float | None, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
-    return "–" if value is None else f"{value * scale:.{digits}f}{unit}"
+    headers = ["model", "layers", "params", "param reduction", "FLOPs/token (2N)", "FLOPs/token executed",
+               "executed reduction", "prefill tok/s", "decode tok/s"]
+    rows = [[r["model"], r["layers"], fmt(r["parameters"]["total"], 1, 1e-6, " M"), fmt(r["param_reduction_pct"], 2, unit=" %"),
+             fmt(r["flops_per_token_paper"], 1, 1e-6, " M"), fmt(r.get("flops_per_token_executed"), 1, 1e-6, " M"),
+             fmt(r.get("executed_flops_reduction_pct"), 2, unit=" %"), fmt(r.get("prefill_tokens_per_s")),
+             fmt(r.get("decode_tokens_per_s"))] for r in result["models"]]
+    head = (f"seq_len {result['seq_len']}, {result['dtype']} on {result['device']} ({result['threads']} threads), "
+            f"median of {result['runs']} runs.")
+    return "\n".join([head, "", *markdown_table(headers, rows)]) + "\n"

@@ -1,7 +1,8 @@
 """`selfdistill report RUN_DIR`: one report (Markdown + self-contained HTML) for a pipeline run.
 
-It only reads what the stages wrote (pruning.json, stats.json, scores.json, drift, speculate,
-profile), so it can be rerun at any time, also on a partly finished run.
+It only reads what the stages wrote, at the paths the stage table gives (selfdistill/stages.py), so it
+can be rerun at any time, also on a partly finished run: a section whose stage has not run is left out.
+The page is a list of blocks (report_measures.Block) rendered twice, as Markdown and as HTML.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from selfdistill.errors import UserError
 from selfdistill.evaluate.outputs import distinct_pairs
 from selfdistill.guard import claim_output
 from selfdistill.report_measures import Block, drift_blocks, first_drift_set, pruning_check_blocks
-from selfdistill.report_measures import fmt as _fmt
-from selfdistill.rundir import atomic_path, atomic_write_text, read_manifest
+from selfdistill.report_plots import cost_plot, retention_plot
+from selfdistill.rundir import atomic_write_text, read_manifest
+from selfdistill.stages import distill_dirs, stage_dir, stage_output
+from selfdistill.tables import MISSING, fmt, interval, markdown_table
 
 
 @dataclass(frozen=True)
@@ -33,15 +36,17 @@ class ReportConfig:
 
 
 def _read(path: Path) -> Any:
+    """A stage's JSON output; None when that stage has not run (yet)."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _label(name: str) -> str:
+    """A model's row label: the folder name, which in a run directory is the child's name (sft, sdd, ...)."""
     return Path(str(name).rstrip("/")).name
 
 
 def _pruning_blocks(run: Path) -> list[Block]:
-    p = _read(run / "pruned" / "pruning.json")
+    p = _read(stage_output(run, "prune"))
     if p is None:
         return []
     params = p["parameters"]
@@ -55,24 +60,22 @@ def _pruning_blocks(run: Path) -> list[Block]:
         around = ", ".join(f"l={i}: {v:.3f}" for i, v in enumerate(row)
                            if v is not None and abs(i - chosen) <= 3)
         blocks.append(("p", f"Scores around the chosen start layer {chosen}: {around}."))
-    if (run / "pruned" / "distances.png").is_file():
-        blocks.append(("img", run / "pruned" / "distances.png", "layer distance heatmap"))
+    heatmap = stage_dir(run, "prune") / "distances.png"  # absent when matplotlib is not installed
+    if heatmap.is_file():
+        blocks.append(("img", heatmap, "layer distance heatmap"))
     return blocks + pruning_check_blocks(run)
 
 
 def _distill_blocks(run: Path) -> list[Block]:
     rows = []
-    for folder in sorted(run.glob("distill-*/")):
-        stats = _read(folder / "stats.json") or _read(folder / "result.json")
+    for dataset, folder in distill_dirs(run).items():
+        stats = _read(folder / "stats.json")  # distill writes it beside its output
         if not stats:
             continue
-        kept = stats.get("rewrites_kept", stats.get("kept"))
-        total = stats.get("rows")
-        reasons = stats.get("rejected_by_reason") or stats.get("rejected") or {}
-        reason_text = ", ".join(f"{k}: {v}" for k, v in reasons.items()) if isinstance(reasons, dict) else str(reasons)
-        rows.append([folder.name.removeprefix("distill-"), total, kept,
-                     _fmt(kept / total * 100 if kept is not None and total else None), reason_text or "–",
-                     stats.get("generated_tokens_total", "–"), _fmt(stats.get("tokens_per_s"))])
+        kept, total = stats["rewrites_kept"], stats["rows"]
+        reasons = ", ".join(f"{k}: {v}" for k, v in stats["rejected_by_reason"].items())
+        rows.append([dataset, total, kept, fmt(kept / total * 100 if total else None), reasons or MISSING,
+                     stats["generated_tokens_total"], fmt(stats.get("tokens_per_s"))])
     if not rows:
         return []
     return [("h2", "Self-data distillation"),
@@ -80,10 +83,12 @@ def _distill_blocks(run: Path) -> list[Block]:
 
 
 def _model_rows(run: Path) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
-    scores = _read(run / "evaluate" / "scores.json") or _read(run / "parent-eval" / "scores.json") or {}
+    """The models table: one row per evaluated model, joining the evaluate, drift, speculate and profile
+    outputs on the model's label. Before the children are evaluated it shows the parent's scores alone."""
+    scores = _read(stage_output(run, "evaluate")) or _read(stage_output(run, "parent-eval")) or {}
     drift = first_drift_set(run)
-    spec = _read(run / "speculate" / "speculate.json") or {}
-    profile = _read(run / "profile" / "result.json") or {}
+    spec = _read(stage_output(run, "speculate")) or {}
+    profile = _read(stage_output(run, "profile")) or {}
     drafts = {_label(d["draft"]): d for d in spec.get("drafts", [])}
     prof = {_label(m.get("model", "")): m for m in profile.get("models", [])}
     tasks = scores.get("tasks", [])
@@ -92,87 +97,52 @@ def _model_rows(run: Path) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
                "average", "retention", "chance-corr.", "retention (signal)", "KL to parent", "top-1 agreement",
                "draft acceptance", "MAL"]
     rows = []
-    pruned_profile = prof.get("pruned")
+    pruned_profile = prof.get(stage_dir(run, "prune").name)
     for name, m in scores.get("models", {}).items():
         label = _label(name)
+        # Only the parent and the pruned child are profiled: every child has the pruned child's shape and cost.
         pr = prof.get(label) or (pruned_profile if label not in prof and name != scores.get("baseline") else None)
         params = (pr or {}).get("parameters", {}).get("total")
         flops = (pr or {}).get("flops_per_token_paper")
         decode = (pr or {}).get("decode_tokens_per_s")
         d, s = drift.get(label, {}), drafts.get(label, {})
-        rows.append([label, f"{params / 1e6:.1f} M" if params else "–", _fmt(flops, 3, 1e-9), _fmt(decode),
-                     *[_fmt(m["tasks"].get(t, {}).get("value"), 1, 100) for t in tasks], _fmt(m.get("average"), 1, 100),
-                     _fmt(m.get("retention")), _fmt(m.get("chance_corrected_retention")),
-                     _fmt(m.get("retention_signal")), _fmt(d.get("kl"), 3), _fmt(d.get("agreement"), 1, 100),
-                     _fmt(s.get("draft_acceptance_rate"), 3), _fmt(s.get("mean_acceptance_length"), 2)])
+        rows.append([label, fmt(params, 1, 1e-6, " M"), fmt(flops, 3, 1e-9), fmt(decode),
+                     *[fmt(m["tasks"].get(t, {}).get("value"), 1, 100) for t in tasks], fmt(m.get("average"), 1, 100),
+                     fmt(m.get("retention")), fmt(m.get("chance_corrected_retention")),
+                     fmt(m.get("retention_signal")), fmt(d.get("kl"), 3), fmt(d.get("agreement"), 1, 100),
+                     fmt(s.get("draft_acceptance_rate"), 3), fmt(s.get("mean_acceptance_length"), 2)])
     return headers, rows, scores
 
 
-def _plots(run: Path, out: Path, headers: list[str], rows: list[list[Any]], scores: dict[str, Any]) -> list[Block]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    blocks: list[Block] = []
-    baseline = _label(scores.get("baseline") or "")
-    children = [r for r in rows if r[0] != baseline and r[headers.index("retention")] != "–"]
-    if not children:
-        return blocks
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = [r[0] for r in children]
-    for key, offset, color in (("retention", -0.2, "#4c72b0"), ("retention (signal)", 0.2, "#dd8452")):
-        vals = [float(r[headers.index(key)]) if r[headers.index(key)] != "–" else 0 for r in children]
-        ax.bar([i + offset for i in range(len(names))], vals, 0.4, label=key, color=color)
-    ax.axhline(100, color="grey", linewidth=0.8)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names)
-    ax.set_ylabel("% of parent")
-    ax.legend(fontsize=8)
-    blocks.append(_save_figure(fig, ax, "Retention per arm", out / "retention.png"))
-    flops_col = headers.index("GFLOPs/token")
-    points = [(float(r[flops_col]), float(r[headers.index("retention")]), r[0]) for r in rows
-              if r[flops_col] != "–" and r[headers.index("retention")] != "–"]
-    if points:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for x, y, name in points:
-            ax.scatter(x, y)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel("GFLOPs per token (2 × parameters)")
-        ax.set_ylabel("retention (% of parent)")
-        blocks.append(_save_figure(fig, ax, "Retention vs cost", out / "retention_vs_flops.png"))
-    return blocks
-
-
-def _save_figure(fig: Any, ax: Any, title: str, path: Path) -> Block:
-    import matplotlib.pyplot as plt
-
-    ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return ("img", path, title)
+def _plots(run: Path, out: Path, scores: dict[str, Any]) -> list[Block]:
+    """Retention per child with its interval, and retention against cost (selfdistill/report_plots.py)."""
+    profile = _read(stage_output(run, "profile")) or {}
+    flops = {_label(m.get("model", "")): m.get("flops_per_token_paper") for m in profile.get("models", [])}
+    to_giga = {k: v * 1e-9 for k, v in flops.items() if v}
+    parent, child = to_giga.get(_label(scores.get("baseline") or "")), to_giga.get(stage_dir(run, "prune").name)
+    made = [(retention_plot(scores, out / "retention.png", _label), "Retention per child"),
+            (cost_plot(scores, parent, child, out / "retention_vs_flops.png", _label), "Retention vs cost")]
+    return [("img", path, title) for path, title in made if path is not None]
 
 
 def _comparison_blocks(scores: dict[str, Any]) -> list[Block]:
     pairs = distinct_pairs(scores)
     if not pairs:
         return []
-    rows = [[_label(p["a"]), _label(p["b"]), p["over"], _fmt(p.get("retention_diff"), 2),
-             f"{_fmt(p['ci95'][0], 2)} … {_fmt(p['ci95'][1], 2)}"] for p in pairs]
+    rows = [[_label(p["a"]), _label(p["b"]), p["over"], fmt(p.get("retention_diff"), 2),
+             interval(p["ci95"], 2)] for p in pairs]
     return [("h2", "Paired comparisons"), ("p", "Retention difference a − b in points, paired bootstrap 95 % interval "
              "over evaluation items; an interval that contains 0 means the data cannot tell the two apart."),
             ("table", ["a", "b", "tasks", "difference", "95 % interval"], rows)]
 
 
 def _cost_blocks(run: Path) -> list[Block]:
-    profile = _read(run / "profile" / "result.json")
+    profile = _read(stage_output(run, "profile"))
     if not profile:
         return []
-    rows = [[_label(m["model"]), m["layers"], f"{m['parameters']['total']:,}", _fmt(m["flops_per_token_paper"], 3, 1e-9),
-             _fmt(m.get("flops_per_token_executed"), 3, 1e-9), _fmt(m.get("prefill_tokens_per_s")),
-             _fmt(m.get("decode_tokens_per_s")), _fmt(m.get("decode_speedup"), 2)] for m in profile["models"]]
+    rows = [[_label(m["model"]), m["layers"], f"{m['parameters']['total']:,}", fmt(m["flops_per_token_paper"], 3, 1e-9),
+             fmt(m.get("flops_per_token_executed"), 3, 1e-9), fmt(m.get("prefill_tokens_per_s")),
+             fmt(m.get("decode_tokens_per_s")), fmt(m.get("decode_speedup"), 2)] for m in profile["models"]]
     return [("h2", "Cost"), ("p", f"FLOPs per token as the paper counts them (2 × parameters) and as executed "
              f"(torch FlopCounterMode, eager attention, sequence length {profile['seq_len']}); latency medians of "
              f"{profile['runs']} runs, {profile['dtype']} on {profile['device']} ({profile.get('threads')} threads)."),
@@ -181,12 +151,12 @@ def _cost_blocks(run: Path) -> list[Block]:
 
 
 def _speculate_blocks(run: Path) -> list[Block]:
-    spec = _read(run / "speculate" / "speculate.json")
+    spec = _read(stage_output(run, "speculate"))
     if not spec:
         return []
-    rows = [[_label(d["draft"]), _fmt(d["draft_acceptance_rate"], 3), _fmt(d["mean_acceptance_length"], 2),
+    rows = [[_label(d["draft"]), fmt(d["draft_acceptance_rate"], 3), fmt(d["mean_acceptance_length"], 2),
              " ".join(f"{a:.2f}" for a in d["acceptance_per_position"]), d["target_forward_passes"],
-             _fmt(d.get("speedup_ours"), 2), _fmt(d.get("speedup_hf_assisted"), 2),
+             fmt(d.get("speedup_ours"), 2), fmt(d.get("speedup_hf_assisted"), 2),
              "yes" if d["lossless"] else "NO"] for d in spec["drafts"]]
     return [("h2", "Children as speculative drafts"), ("p", (
         f"Greedy draft-then-verify, k = {spec['k']}, {spec['prompts']} prompts, up to {spec['max_new_tokens']} new "
@@ -196,15 +166,18 @@ def _speculate_blocks(run: Path) -> list[Block]:
 
 
 def _stage_times(run: Path) -> list[Block]:
+    """Wall time per stage folder, from the manifests `selfdistill run` writes (a folder without one is
+    unfinished, or not a stage's)."""
     rows = []
     for folder in sorted(p for p in run.iterdir() if p.is_dir() and p.name != "report"):
         m = read_manifest(folder)
         if m and "stage" in m:
-            rows.append([folder.name, m["stage"], _fmt(m.get("wall_time_s"), 0), m.get("started", "")])
+            rows.append([folder.name, m["stage"], fmt(m.get("wall_time_s"), 0), m.get("started", "")])
     return [("h2", "Stages"), ("table", ["folder", "stage", "wall time (s)", "started"], rows)] if rows else []
 
 
 def to_markdown(blocks: list[Block], out: Path) -> str:
+    """The blocks as Markdown; images are linked relative to the report folder, which sits in the run dir."""
     lines = []
     for b in blocks:
         if b[0] in ("h1", "h2"):
@@ -212,8 +185,7 @@ def to_markdown(blocks: list[Block], out: Path) -> str:
         elif b[0] == "p":
             lines += [b[1], ""]
         elif b[0] == "table":
-            lines += ["| " + " | ".join(map(str, b[1])) + " |", "|" + "---|" * len(b[1])]
-            lines += ["| " + " | ".join(map(str, r)) + " |" for r in b[2]] + [""]
+            lines += [*markdown_table(b[1], b[2]), ""]
         elif b[0] == "img":
             rel = Path(b[1]).relative_to(out.parent) if Path(b[1]).is_relative_to(out.parent) else Path(b[1])
             lines += [f"![{b[2]}](../{rel})", ""]
@@ -221,7 +193,9 @@ def to_markdown(blocks: list[Block], out: Path) -> str:
 
 
 def to_html(blocks: list[Block]) -> str:
-    def md_inline(text: str) -> str:
+    """The blocks as one self-contained HTML page: images are embedded, so the file can be mailed alone."""
+
+    def md_inline(text: str) -> str:  # the only Markdown the paragraphs use: **bold**
         escaped = html.escape(text)
         parts = escaped.split("**")
         return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
@@ -255,13 +229,14 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
     if not (run / "config.yaml").is_file() and not any(read_manifest(p) for p in run.iterdir() if p.is_dir()):
         raise UserError(f"{run} is not a run directory (no config.yaml and no stage folder with a manifest.json); "
                         "give the run_dir of `selfdistill run`")
-    out = Path(cfg.out) if cfg.out else run / "report"
+    out = Path(cfg.out) if cfg.out else stage_dir(run, "report")
     with claim_output(out, "report", folder=True, overwrite=cfg.overwrite) as claim:
         claim.commit()
         return _report(run, out)
 
 
 def _report(run: Path, out: Path) -> dict[str, Any]:
+    """The page in the order of the method: pruning, distillation, the models, drift, cost, drafts, times."""
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
     headers, rows, scores = _model_rows(run)
     blocks: list[Block] = [("h1", f"selfdistill report: {run.name}"),
@@ -275,7 +250,8 @@ def _report(run: Path, out: Path) -> dict[str, Any]:
             f"chance (left out of 'retention (signal)'). Evaluation: preset {settings.get('preset', '?')}, "
             f"harness {settings.get('harness', '?')}, "
             f"{settings.get('subset', '')}."))]
-        blocks += _plots(run, out, headers, rows, scores) + _comparison_blocks(scores) + drift_blocks(run)
+        blocks += _plots(run, out, scores) + _comparison_blocks(scores) + drift_blocks(run)
+    # Cost and drafts do not need the evaluation: they show as soon as their stages have run.
     blocks += _cost_blocks(run) + _speculate_blocks(run) + _stage_times(run)
     if config:
         blocks += [("h2", "Resolved config"), ("p", "See config.yaml in the run directory.")]

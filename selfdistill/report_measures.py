@@ -6,22 +6,13 @@ Kept apart from report.py (which lays out the page) so each stays small; both re
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from selfdistill.stages import stage_output
+from selfdistill.tables import fmt, interval
+
 Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", path, alt)
-
-
-def fmt(x: Any, digits: int = 1, scale: float = 1.0) -> str:
-    """A number for a table cell; '–' for a missing or non-finite one."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return f"{x * scale:.{digits}f}"
-
-
-def interval(ci: list[float] | None, digits: int = 3, scale: float = 1.0) -> str:
-    return f"{fmt(ci[0], digits, scale)} … {fmt(ci[1], digits, scale)}" if ci else "–"
 
 
 def _read(path: Path) -> Any:
@@ -30,7 +21,7 @@ def _read(path: Path) -> Any:
 
 def pruning_check_blocks(run: Path) -> list[Block]:
     """The best candidate blocks' held-out loss increase, and the warning when the choice looks costly."""
-    pruning = _read(run / "pruned" / "pruning.json") or {}
+    pruning = _read(stage_output(run, "prune")) or {}
     check = pruning.get("heldout_check")
     if not check:
         return []
@@ -52,13 +43,13 @@ def pruning_check_blocks(run: Path) -> list[Block]:
 
 def first_drift_set(run: Path) -> dict[str, Any]:
     """The children's drift on the first (training-domain, held-out) prompt set, by child label."""
-    sets = (_read(run / "drift" / "result.json") or {}).get("sets") or {}
+    sets = (_read(stage_output(run, "drift")) or {}).get("sets") or {}
     return next(iter(sets.values()), {}).get("children", {})
 
 
 def drift_blocks(run: Path) -> list[Block]:
     """Per prompt set: KL and agreement per child with intervals, then the paired differences."""
-    drift = _read(run / "drift" / "result.json") or {}
+    drift = _read(stage_output(run, "drift")) or {}
     blocks: list[Block] = []
     for name, s in (drift.get("sets") or {}).items():
         rows = [[label, fmt(c["kl"], 3), interval(c.get("kl_ci95")), fmt(c["agreement"], 1, 100),

@@ -77,25 +77,22 @@ def retention_plot(scores: dict[str, Any], out: Path, label: Any) -> Path | None
     return _save(plt, fig, ax, title.capitalize() + " per child", out)
 
 
-def cost_plot(scores: dict[str, Any], flops: dict[str, float], out: Path, label: Any) -> Path | None:
+def cost_plot(scores: dict[str, Any], parent_flops: float | None, child_flops: float | None, out: Path,
+              label: Any) -> Path | None:
     """Retention (with its interval) against GFLOPs per token; the parent is the reference point at 100 %.
 
-    `flops` maps a label to its GFLOPs per token; children without their own profile share the pruned
-    shape's (every child of one run has it)."""
+    Every child of one run has the pruned shape, so they share `child_flops`; each is placed slightly
+    apart so that their intervals stay readable."""
     points = retention_points(scores, label)
-    parent = label(scores.get("baseline") or "")
-    child_flops = flops.get("pruned")
-    placed = [(n, v, ci, flops.get(n, child_flops)) for n, v, ci in points if flops.get(n, child_flops)]
-    if not placed or parent not in flops:
+    if not points or not parent_flops or not child_flops:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.scatter([flops[parent]], [100], marker="*", s=120, color="black", zorder=3)
-    ax.annotate("parent", (flops[parent], 100), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    # Children share one cost, so spread them a little sideways to keep their intervals readable.
-    width = 0.01 * flops[parent]
-    for i, (name, value, ci, x) in enumerate(placed):
-        x += (i - (len(placed) - 1) / 2) * width
+    ax.scatter([parent_flops], [100], marker="*", s=120, color="black", zorder=3)
+    ax.annotate("parent", (parent_flops, 100), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    step = 0.01 * parent_flops
+    for i, (name, value, ci) in enumerate(points):
+        x = child_flops + (i - (len(points) - 1) / 2) * step
         ax.errorbar([x], [value], yerr=_error_bars([(name, value, ci)]), fmt="o", capsize=3, markersize=4)
         ax.annotate(name, (x, value), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.axhline(100, color="grey", linewidth=0.6, linestyle="--")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from selfdistill.config import apply_overrides, from_dict, key_dict, load_config, opt, to_dict
+from selfdistill.config import apply_overrides, from_dict, load_config, opt, to_dict
 from selfdistill.errors import UserError
 
 
@@ -74,18 +74,13 @@ def test_override_needs_key_value():
 
 
 @dataclass(frozen=True)
-class Later:
-    rank: int = opt(8, "a setting runs were keyed on")
-    speed: int = opt(4, "added later; the default keeps earlier keys", keyed_when_changed=True)
+class Stage:
+    rank: int = opt(8, "a setting that changes the result")
+    overwrite: bool = opt(False, "how to treat an existing output", keyed=False)
 
 
-@dataclass(frozen=True)
-class Wrapper:
-    inner: Later = opt(Later(), "a section")
+def test_stage_keys_hold_every_setting_but_the_unkeyed_ones():
+    from selfdistill.stages import key_config
 
-
-def test_key_dict_leaves_out_later_settings_at_their_default():
-    assert key_dict(Later()) == {"rank": 8} and to_dict(Later()) == {"rank": 8, "speed": 4}
-    assert key_dict(Later(speed=0)) == {"rank": 8, "speed": 0}  # changed: it is part of the key
-    assert key_dict(Wrapper()) == {"inner": {"rank": 8}}
-    assert key_dict(Wrapper(Later(rank=2, speed=1))) == {"inner": {"rank": 2, "speed": 1}}
+    assert key_config(Stage()) == {"rank": 8} and to_dict(Stage()) == {"rank": 8, "overwrite": False}
+    assert key_config(Stage(rank=2, overwrite=True)) == {"rank": 2}

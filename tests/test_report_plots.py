@@ -50,7 +50,6 @@ def test_retention_plot_draws_one_bar_per_child_with_its_interval(tmp_path: Path
                                                                 ("sdd", 88.0, [84.0, 92.0])]
     out = retention_plot(_scores(["winogrande"]), tmp_path / "retention.png", label)
     assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    flops = {"parent": 0.27, "pruned": 0.23}
-    assert cost_plot(_scores([]), flops, tmp_path / "cost.png", label).is_file()
-    assert cost_plot(_scores([]), {"pruned": 0.23}, tmp_path / "none.png", label) is None  # no parent reference
+    assert cost_plot(_scores([]), 0.27, 0.23, tmp_path / "cost.png", label).is_file()
+    assert cost_plot(_scores([]), None, 0.23, tmp_path / "none.png", label) is None  # no parent reference
     assert retention_plot({"models": {}, "baseline": "parent"}, tmp_path / "empty.png", label) is None

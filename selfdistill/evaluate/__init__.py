@@ -21,8 +21,8 @@ from selfdistill.config import opt, to_dict
 from selfdistill.errors import UserError
 from selfdistill.evaluate.drift import drift, drift_many
 from selfdistill.evaluate.presets import PRESETS, TASKS_DIR, TaskSpec, check_data_dir, select_tasks
-from selfdistill.evaluate.retention import (paired_bootstrap, per_doc, retention, retention_interval, signal_tasks,
-                                           task_score)
+from selfdistill.evaluate.retention import paired_bootstrap, per_doc, retention, retention_interval, signal_tasks, task_score
+from selfdistill.paths import default_data_dir
 
 __all__ = ["EvalConfig", "evaluate", "drift", "drift_many", "PRESETS"]
 log = logging.getLogger(__name__)
@@ -70,15 +70,6 @@ class EvalConfig:
             raise ValueError("--tensor-parallel-size must be >= 1, and above 1 only with --backend vllm")
         if self.backend not in ("auto", "hf", "shared", "vllm"):  # the CLI checks the Literal; Python callers too
             raise UserError(f"--backend: unknown backend '{self.backend}' (choose from auto, hf, shared, vllm)")
-
-
-def default_data_dir(value: str = "") -> Path | None:
-    if value:
-        return Path(value).expanduser().resolve()
-    if os.environ.get("SELFDISTILL_DATA_DIR"):
-        return Path(os.environ["SELFDISTILL_DATA_DIR"]).expanduser().resolve()
-    guess = Path.cwd().parent / "shared" / "data"
-    return guess.resolve() if guess.is_dir() else None
 
 
 def model_label(name: str, taken: set[str]) -> str:

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from selfdistill.config import opt
+from selfdistill.console import progress
 from selfdistill.models import DEFAULT_MODEL, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def parent_answers(parent: Any, tok: Any, prompts: Sequence[Any], max_new_tokens
     """(prompt + greedy answer token ids, answer length) per prompt."""
     texts = [_prompt_text(p, tok) for p in prompts]
     sequences = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="drift: parent answers", unit="batch", leave=False):
+    for start in progress(range(0, len(texts), batch_size), desc="drift: parent answers", unit="batch"):
         batch = texts[start:start + batch_size]
         for text, answer in zip(batch, _greedy(parent, tok, batch, max_new_tokens), strict=True):
             sequences.append((tok(text, add_special_tokens=False)["input_ids"] + answer, len(answer)))
@@ -169,7 +169,7 @@ def measure(parent: Any, children: Mapping[str, Any], prompts: Sequence[Any], *,
     pm, tok = _load(parent, dtype, device)
     sequences = parent_answers(pm, tok, prompts, max_new_tokens, batch_size)
     stats = {}
-    for label, spec in tqdm(children.items(), desc="drift: children", unit="model", leave=False):
+    for label, spec in progress(children.items(), desc="drift: children", unit="model"):
         child = _load(spec, dtype, str(pm.device))[0]
         stats[label] = per_prompt(pm, child, sequences)
         del child

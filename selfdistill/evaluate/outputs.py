@@ -7,14 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.rundir import atomic_path, atomic_write_text
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x * 100:.1f}"
-
-
-def _num(x: float | None) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.1f}"
+from selfdistill.tables import MISSING, fmt, interval, markdown_table
 
 
 def distinct_pairs(scores: dict[str, Any]) -> list[dict[str, Any]]:
@@ -28,13 +21,13 @@ def markdown(scores: dict[str, Any]) -> str:
     flagged = set(scores.get("chance_tasks", []))
     head = ["model", *[t + (" ⚠" if t in flagged else "") for t in tasks], "average", "retention",
             "chance-corr.", "retention (signal)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, m in models.items():
-        row = [f"`{name}`"] + [f"{_pct(m['tasks'][t]['value'])} ± {_pct(m['tasks'][t]['stderr'])}"
-                               if t in m["tasks"] else "–" for t in tasks]
-        row += [_pct(m["average"]), _num(m.get("retention")), _num(m.get("chance_corrected_retention")),
-                _num(m.get("retention_signal"))]
-        lines.append("| " + " | ".join(row) + " |")
+        row = [f"`{name}`"] + [f"{fmt(m['tasks'][t]['value'], 1, 100)} ± {fmt(m['tasks'][t]['stderr'], 1, 100)}"
+                               if t in m["tasks"] else MISSING for t in tasks]
+        rows.append(row + [fmt(m["average"], 1, 100), fmt(m.get("retention")), fmt(m.get("chance_corrected_retention")),
+                           fmt(m.get("retention_signal"))])
+    lines = markdown_table(head, rows)
     metrics = ", ".join(f"{t}: {scores['settings']['tasks'][t]['metric']} ({scores['settings']['tasks'][t]['shots']}-shot)"
                         for t in tasks)
     notes = [f"Scores in % (± one standard error over {scores['settings']['subset']}). Metrics: {metrics}."]
@@ -44,8 +37,8 @@ def markdown(scores: dict[str, Any]) -> str:
     for pair in distinct_pairs(scores):
         lo, hi = pair["ci95"]
         where = " over the tasks with signal" if pair.get("over") == "signal" else ""
-        notes.append(f"Retention `{pair['a']}` − `{pair['b']}`{where}: {_num(pair['retention_diff'])} points "
-                     f"(paired bootstrap 95 % CI {_num(lo)} … {_num(hi)}, {pair['iters']} draws).")
+        notes.append(f"Retention `{pair['a']}` − `{pair['b']}`{where}: {fmt(pair['retention_diff'])} points "
+                     f"(paired bootstrap 95 % CI {interval((lo, hi), 1)}, {pair['iters']} draws).")
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 

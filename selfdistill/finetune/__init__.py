@@ -32,10 +32,9 @@ class FinetuneConfig:
     method: Literal["lora", "full", "partial"] = opt(
         "lora", "LoRA adapters (merged at the end), full fine-tuning, or partial (train_layers in full rank)")
     train_layers: str = opt("after_cut", "partial: last:N, after_cut (the child's layers after the pruned block) "
-                            "or START:END (end exclusive)", keyed_when_changed=True)
-    train_lm_head: bool = opt(True, "partial: also train the LM head (untied from the embedding if tied)",
-                              keyed_when_changed=True)
-    train_norm: bool = opt(True, "partial: also train the final norm", keyed_when_changed=True)
+                            "or START:END (end exclusive)")
+    train_lm_head: bool = opt(True, "partial: also train the LM head (untied from the embedding if tied)")
+    train_norm: bool = opt(True, "partial: also train the final norm")
     lora_r: int = opt(8, "LoRA rank (SDFT default 8)")
     lora_alpha: int = opt(16, "LoRA alpha (SDFT default 16)")
     lora_dropout: float = opt(0.05, "LoRA dropout")
@@ -61,11 +60,9 @@ class FinetuneConfig:
     kd_temperature: float = opt(1.0, "softmax temperature for KD")
     teacher: str | None = opt(None, "parent model for KD (required when kd_weight > 0; same tokenizer)")
     kd_cache: bool = opt(False, "KD from the parent's cached top-k logits (built once beside the data) instead "
-                         "of running the parent every step", keyed_when_changed=True)
-    kd_top_k: int = opt(64, "KD cache: parent log-probs kept per answer position (plus the remaining mass)",
-                        keyed_when_changed=True)
-    kd_cache_dir: str | None = opt(None, "KD cache folder (default: beside the data, named by answers, k and T)",
-                                   keyed_when_changed=True)
+                         "of running the parent every step")
+    kd_top_k: int = opt(64, "KD cache: parent log-probs kept per answer position (plus the remaining mass)")
+    kd_cache_dir: str | None = opt(None, "KD cache folder (default: beside the data, named by answers, k and T)")
     logging_steps: int = opt(1, "log the loss every N optimizer steps")
     report_to: list[str] = opt([], "extra loggers: tensorboard, wandb (train_log.jsonl is always written)")
     allow_pickle: bool = opt(False, "allow loading pickle (.bin) checkpoints, which can run code")

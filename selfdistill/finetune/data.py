@@ -15,6 +15,7 @@ from typing import Any
 
 from selfdistill.data import load_examples, read_rows
 from selfdistill.errors import UserError
+from selfdistill.paths import looks_like_hub_dataset
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _distilled_rows(path: Path, responses: str, limit: int | None) -> TrainData:
             raise UserError(f"{where}: field '{column}' is empty")
         messages = _check_messages(row.get("messages"), where)
         rows.append({"prompt": messages, "completion": [{"role": "assistant", "content": answer.strip()}]})
-        used += bool(row.get("used") == "rewrite" or row.get("used") is True)
+        used += row.get("used") == "rewrite"
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
@@ -85,8 +86,7 @@ def load_train_data(source: str | Path, responses: str, recipe: str | None = Non
     if responses not in RESPONSE_COLUMNS:
         raise UserError(f"--responses must be one of {', '.join(RESPONSE_COLUMNS)}, not '{responses}'")
     path = Path(str(source)).expanduser()
-    hub_like = "/" in str(source) and not str(source).startswith((".", "/", "~")) and path.suffix == ""
-    if not path.exists() and not hub_like:
+    if not path.exists() and not looks_like_hub_dataset(source):
         raise UserError(f"--data {source}: file not found")
     if path.is_file() and _first_row(path) is None:
         raise UserError(f"{path}: the dataset is empty")

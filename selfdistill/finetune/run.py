@@ -9,7 +9,6 @@ for the same reason.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,16 +20,16 @@ from transformers.trainer_callback import ProgressCallback
 from selfdistill.config import dump_yaml, to_dict
 from selfdistill.errors import UserError
 from selfdistill.finetune import FinetuneConfig, checkpoint_dir, recognize_checkpoints, shaping_settings
+from selfdistill.finetune.checkpoints import LOG_NAME, prepare_checkpoints
 from selfdistill.finetune.data import TrainData, load_train_data
 from selfdistill.finetune.kdcache import open_cache
 from selfdistill.finetune.partial import freeze_for_partial, saved_model
-from selfdistill.finetune.trainer import JsonlLogger, RecoveryTrainer, tokenize_row, truncate_log
+from selfdistill.finetune.trainer import JsonlLogger, RecoveryTrainer, tokenize_row
 from selfdistill.guard import claim_output
 from selfdistill.models import drop_quantization, load_model, model_card, resolve_device, resolve_dtype
 from selfdistill.rundir import atomic_dir, atomic_write_text, write_manifest
 
 log = logging.getLogger(__name__)
-LOG_NAME = "train_log.jsonl"
 
 
 def build_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, source: str) -> Any:
@@ -77,39 +76,6 @@ def load_teacher(cfg: FinetuneConfig, child_tok: Any, child: Any, dtype: str) ->
         raise UserError(f"teacher '{cfg.teacher}' and child '{cfg.model}' use different tokenizers "
                         f"({len(tok)} vs {len(child_tok)} tokens); KD needs the same vocabulary")
     return teacher
-
-
-def _last_complete_checkpoint(ckpt: Path) -> str | None:
-    """The newest checkpoint the Trainer finished writing (trainer_state.json is its last file).
-
-    A run killed while saving leaves a newer, half-written folder; resuming from it fails, so it is removed."""
-    if not ckpt.is_dir():
-        return None
-    folders = sorted((p for p in ckpt.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()),
-                     key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-    while folders and not (folders[-1] / "trainer_state.json").is_file():
-        log.warning("removing the half-written %s", folders[-1])
-        if int(os.environ.get("RANK", "0")) == 0:
-            shutil.rmtree(folders[-1], ignore_errors=True)
-        folders.pop()
-    return str(folders[-1]) if folders else None
-
-
-def prepare_checkpoints(ckpt: Path, resume: bool) -> str | None:
-    """The checkpoint to resume from; a fresh run clears old checkpoints so logs never mix."""
-    if not resume:
-        if ckpt.exists() and int(os.environ.get("RANK", "0")) == 0:
-            shutil.rmtree(ckpt)
-        return None
-    last = _last_complete_checkpoint(ckpt)
-    if last is None:
-        log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt)
-        return None
-    step = int(Path(last).name.rsplit("-", 1)[-1])
-    log.info("resuming from %s (step %d)", last, step)
-    if int(os.environ.get("RANK", "0")) == 0:
-        truncate_log(ckpt / LOG_NAME, step)
-    return last
 
 
 def training_args(cfg: FinetuneConfig, ckpt: Path, device: str, dtype: str) -> Any:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from selfdistill.config import opt, to_dict
+from selfdistill.console import progress
 from selfdistill.errors import UserError
 from selfdistill.guard import claim_output
 from selfdistill.merge.linear import lerp
@@ -53,7 +53,7 @@ class MergeConfig:
     eval_selection: int = opt(100, "items per task, outside the reported ones, that score each t")
     eval_data_dir: str = opt("", "offline data for the t-grid evaluation (evaluate's --data-dir)")
     dtype: str = opt("float32", "dtype to load, merge and save in: float32 or bfloat16")
-    out: Path = opt(Path("merged"), "output model folder")
+    out: str = opt("merged", "output model folder")
     overwrite: bool = opt(False, "replace an existing --out that merge did not write", keyed=False)
 
     def __post_init__(self) -> None:
@@ -116,7 +116,7 @@ def merge_state(a: Any, b: Any, method: str, t: float, groups: list[tuple[str, f
     fn = METHODS[method]
     sa, sb = a.state_dict(), b.state_dict()
     merged = {}
-    for key in tqdm(sa, desc=f"{method} t={t}", leave=False, disable=len(sa) < 50):
+    for key in progress(sa, desc=f"{method} t={t}", disable=len(sa) < 50):
         pa, pb = sa[key], sb[key]
         if not torch.is_floating_point(pa):  # integer buffers cannot be interpolated; they must agree
             if not torch.equal(pa, pb):

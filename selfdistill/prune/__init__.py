@@ -19,8 +19,15 @@ from selfdistill.config import opt, to_dict
 from selfdistill.data import load_examples
 from selfdistill.errors import UserError
 from selfdistill.guard import claim_output
-from selfdistill.models import DEFAULT_MODEL, decoder_layers, load_model, resolve_device, write_model
-from selfdistill.profile import count_parameters, paper_flops_per_token
+from selfdistill.models import (
+    DEFAULT_MODEL,
+    count_parameters,
+    decoder_layers,
+    load_model,
+    paper_flops_per_token,
+    resolve_device,
+    write_model,
+)
 from selfdistill.prune import calibration
 from selfdistill.prune.candidates import check_candidates
 from selfdistill.prune.plot import plot_scores

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from selfdistill.console import progress
 from selfdistill.models import decoder_layers, final_norm
 
 Batch = dict[str, torch.Tensor]
@@ -109,7 +109,7 @@ def _record(model: Any, batches: list[Batch]) -> tuple[torch.Tensor, int, torch.
     dist_sum = torch.zeros(L + 1, L + 1, dtype=torch.float64)
     samples = 0
     try:
-        for batch in tqdm(batches, desc="scoring layers", unit="batch"):
+        for batch in progress(batches, desc="scoring layers", unit="batch"):
             recorder.start_batch(batch)
             model(**_model_inputs(batch), use_cache=False)
             states = torch.stack(recorder.last)  # (L+1, B, d)
@@ -177,7 +177,7 @@ def score_loss(model: Any, batches: list[Batch], n: int) -> LayerScores:
     L = len(decoder_layers(model))
     base = mean_loss(model, batches)
     row: list[float | None] = [None] * L
-    for l in tqdm(range(L - n + 1), desc="loss per skipped block", unit="block"):
+    for l in progress(range(L - n + 1), desc="loss per skipped block", unit="block"):
         row[l] = loss_without_block(model, batches, l, n) - base
     ell_star = min((d, l) for l, d in enumerate(row) if d is not None)[1]
     return LayerScores("loss", n, [n], [row], list(range(ell_star, ell_star + n)), extra={"base_loss": base})

@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from selfdistill.config import opt
+from selfdistill.console import progress
 from selfdistill.errors import UserError
 from selfdistill.guard import claim_output
 from selfdistill.models import DEFAULT_MODEL, stop_token_ids
 from selfdistill.rundir import atomic_write_json, atomic_write_text
 from selfdistill.speculative.loop import ModelRunner, SpecStats, speculative_generate
+from selfdistill.tables import fmt, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class SpeculateConfig:
     dtype: str = opt("float32", "model dtype: float32 (exact ties are rarer) or bfloat16")
     device: str = opt("cpu", "device: cpu, cuda or auto")
     hf_assisted: bool = opt(False, "also time transformers' assisted generation (assistant_model=): a slow fp32 anchor")
-    out: Path | None = opt(None, "JSON file for the results (a Markdown table is written beside it)")
+    out: str = opt("", "JSON file for the results (a Markdown table is written beside it); none: only returned")
     overwrite: bool = opt(False, "replace an existing --out that speculate did not write", keyed=False)
 
     def __post_init__(self) -> None:
@@ -58,19 +59,17 @@ class SpeculateConfig:
 
 
 def load_prompts(cfg: SpeculateConfig, tok: Any) -> tuple[list[list[int]], list[str]]:
-    """Prompt turns rendered with the chat template (generation prompt added), as token ids; and row ids."""
-    from selfdistill.data import load_examples
+    """Prompt turns as the model sees them before answering (data.prompt_text), as token ids; and row ids."""
+    from selfdistill.data import load_examples, prompt_text
 
     examples = load_examples(cfg.prompts, cfg.recipe, limit=cfg.limit, offset=cfg.offset, split=cfg.split,
                              subset=cfg.subset)
     prompts = []
     for ex in examples:
-        if ex.kind == "text" or not getattr(tok, "chat_template", None):
-            text = ex.instruction if ex.kind != "text" else ex.reference
-            ids = tok(text, add_special_tokens=True)["input_ids"]
-        else:
-            ids = tok.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        if ex.kind == "text":  # plain text has no turns: the text itself is the prompt
+            ids = tok(ex.reference, add_special_tokens=True)["input_ids"]
+        else:  # the rendered prompt already holds the template's special tokens
+            ids = tok(prompt_text(ex.messages, tok), add_special_tokens=False)["input_ids"]
         if len(ids) == 0:
             raise UserError(f"{ex.source}: the prompt renders to no tokens")
         prompts.append(list(ids))
@@ -110,7 +109,7 @@ def _hf_generate(model: Any, prompt: list[int], cfg: SpeculateConfig, eos: set[i
 
 def _timed(fn: Any, items: list[Any], desc: str) -> tuple[list[Any], float]:
     results, start = [], time.perf_counter()
-    for item in tqdm(items, desc=desc, leave=False):
+    for item in progress(items, desc=desc):
         results.append(fn(item))
     return results, time.perf_counter() - start
 
@@ -163,7 +162,7 @@ def speculate(cfg: SpeculateConfig) -> dict[str, Any]:
     prompts, rows = load_prompts(cfg, target_tok)
     for name in cfg.draft:  # a draft with another vocabulary is refused before the target's timed run
         _check_tokenizer(name, load_tokenizer(name), target_tok, cfg.target)
-    if cfg.out is None:
+    if not cfg.out:
         return _speculate(cfg, prompts, rows)
     out = Path(cfg.out)
     with claim_output(out, "speculate", folder=False, overwrite=cfg.overwrite,
@@ -185,7 +184,7 @@ def _speculate(cfg: SpeculateConfig, prompts: list[list[int]], rows: list[str]) 
               "prompts_source": cfg.prompts, "split": cfg.split, "offset": cfg.offset, "rows": rows,
               "dtype": cfg.dtype, "device": cfg_device, "target_tokens": sum(map(len, reference)),
               "time_target_alone_s": t_alone, "drafts": drafts}
-    if cfg.out is not None:
+    if cfg.out:
         atomic_write_json(cfg.out, result)
         atomic_write_text(Path(cfg.out).with_suffix(".md"), table(result))
     bad = [r["draft"] for r in result["drafts"] if not r["lossless"]]
@@ -197,15 +196,13 @@ def _speculate(cfg: SpeculateConfig, prompts: list[list[int]], rows: list[str]) 
 
 def table(result: dict[str, Any]) -> str:
     """One Markdown row per draft."""
-    lines = [f"Target `{result['target']}`, k = {result['k']}, {result['prompts']} prompts, "
-             f"{result['target_tokens']} target tokens, target alone {result['time_target_alone_s']:.1f} s.", "",
-             "| draft | layers | acceptance rate | MAL | per position | target passes | ours (s) | speed-up | "
-             "HF assisted (s) | speed-up | lossless |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["drafts"]:
-        pos = " ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
-        hf = (f"{r['time_hf_assisted_s']:.1f} | {r['speedup_hf_assisted']:.2f}×" if "time_hf_assisted_s" in r
-              else "– | –")
-        lines.append(f"| {r['draft']} | {r['layers']} | {r['draft_acceptance_rate']:.3f} | "
-                     f"{r['mean_acceptance_length']:.2f} | {pos} | {r['target_forward_passes']} | "
-                     f"{r['time_ours_s']:.1f} | {r['speedup_ours']:.2f}× | {hf} | {'yes' if r['lossless'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    headers = ["draft", "layers", "acceptance rate", "MAL", "per position", "target passes", "ours (s)", "speed-up",
+               "HF assisted (s)", "speed-up", "lossless"]
+    rows = [[r["draft"], r["layers"], fmt(r["draft_acceptance_rate"], 3), fmt(r["mean_acceptance_length"], 2),
+             " ".join(f"{a:.2f}" for a in r["acceptance_per_position"]), r["target_forward_passes"],
+             fmt(r["time_ours_s"]), fmt(r["speedup_ours"], 2, unit="×"), fmt(r.get("time_hf_assisted_s")),
+             fmt(r.get("speedup_hf_assisted"), 2, unit="×"), "yes" if r["lossless"] else "NO"]
+            for r in result["drafts"]]
+    head = (f"Target `{result['target']}`, k = {result['k']}, {result['prompts']} prompts, "
+            f"{result['target_tokens']} target tokens, target alone {result['time_target_alone_s']:.1f} s.")
+    return "\n".join([head, "", *markdown_table(headers, rows)]) + "\n"
