@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from selfdistill.evaluate import default_data_dir  # noqa: E402
 from selfdistill.evaluate.presets import select_tasks  # noqa: E402
 from selfdistill.evaluate.runner import load_tasks, run_tasks, task_manager  # noqa: E402
 from selfdistill.models import DEFAULT_MODEL, load_model  # noqa: E402
+from selfdistill.paths import default_data_dir  # noqa: E402
 
 TASKS = ["arc_easy", "hellaswag"]
 
@@ -116,7 +116,8 @@ def main() -> None:
             print(f"round {r} {name:6s}: {wall:7.1f} s wall ({model_s:.1f} s in loglikelihood), "
                   f"{n_items / wall:.2f} items/s", flush=True)
     best = {name: max(x["items_per_s"] for x in v) for name, v in runs.items()}
-    summary = {"items": n_items, "dtype": args.dtype, "softmax_dtype": args.softmax_dtype, "batch_size": args.batch_size, "threads": _threads(),
+    summary = {"items": n_items, "dtype": args.dtype, "softmax_dtype": args.softmax_dtype,
+               "batch_size": args.batch_size, "threads": _threads(),
                "runs": runs, "items_per_s": best, "ratio": best["shared"] / best["hf"],
                **compare(items["hf"], items["shared"])}
     print(json.dumps(summary, indent=1))

@@ -164,7 +164,8 @@ def partial_available() -> bool:
 
 
 def evaluate_stage(c: Check) -> dict[str, Any]:
-    from selfdistill.evaluate import EvalConfig, default_data_dir, evaluate
+    from selfdistill.evaluate import EvalConfig, evaluate
+    from selfdistill.paths import default_data_dir
 
     data_dir = default_data_dir("")
     if data_dir is None:
