@@ -23,10 +23,10 @@ from selfdistill.data import Example, load_examples
 from selfdistill.distill import resume
 from selfdistill.distill.attempts import Attempt, AttemptPlan, attempt_fields, attempt_stats, best_of_k, chosen
 from selfdistill.distill.backends import BACKENDS, vllm_layout
-from selfdistill.distill.generate import GenParams, Result
 from selfdistill.distill.prompts import MODES, RewritePrompt, check_template, render_prompt
 from selfdistill.distill.records import check_prefix, make_row, open_for_append, read_complete, summarize, sync, write_row
 from selfdistill.distill.verify import DEFAULT_VERIFIERS, VERIFIERS, VerifyOptions, verify
+from selfdistill.engine import GenParams, Result
 from selfdistill.errors import UserError
 from selfdistill.guard import claim_output
 from selfdistill.models import DEFAULT_MODEL, check_safe_weights, resolve_device, resolve_dtype, resolve_model
