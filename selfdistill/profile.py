@@ -17,6 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from selfdistill.config import opt
+from selfdistill.engine.compat import attention_implementation
 from selfdistill.models import DEFAULT_MODEL, cache_kwargs
 from selfdistill.rundir import atomic_write_json, atomic_write_text
 
@@ -77,7 +78,7 @@ def executed_flops(model: Any, seq_len: int) -> dict[str, int]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    previous = model.config._attn_implementation
+    previous = attention_implementation(model.config)
     model.set_attn_implementation("eager")
     try:
         ids = _random_ids(model, seq_len)

@@ -13,7 +13,8 @@ The engine relies on three things that are not stable public API:
 takes the plain path and warns once (`usable`): without the attention registry or the switch, one [slots, 1]
 batch step on the model's own attention and no drafts; without the cache layers, also a standard
 `DynamicCache` holding a copy of the window each step; without the oneDNN ops, plain `F.linear`.
-No other module of the package touches these APIs.
+No other module of the package touches these APIs (evaluate/shared.py and profile.py read the attention
+implementation through `attention_implementation` too).
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ def _has_onednn_linear() -> bool:
 
 # --- attention ---------------------------------------------------------------------------------------------
 
-def attention_implementation(config: Any) -> str | None:
-    """The attention a transformers config asks for ("sdpa", "eager", ...), or None if it does not say."""
-    return getattr(config, "_attn_implementation", None)
+def attention_implementation(config: Any, default: str | None = None) -> str | None:
+    """The attention a transformers config asks for ("sdpa", "eager", ...); `default` if it has no such field."""
+    return getattr(config, "_attn_implementation", default)
 
 
 def register_attention(name: str, fn: Callable[..., Any]) -> None:
