@@ -153,6 +153,20 @@ def test_drafted_decoding_equals_plain_greedy(draft_budget):
     assert len(steps) < 0.8 * sum(map(len, got.values())) / 3
 
 
+def test_rows_longer_than_the_spare_columns_grow_the_kv_buffer():
+    """300 new tokens outgrow the window's spare columns: the buffer grows mid-decode, ids stay generate's."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import make_model, make_tokenizer
+
+    model, tok = _lively(make_model(layers=2, seed=3)), make_tokenizer()
+    prompts = _random_prompts(4)
+    got = {r.index: r.tokens for r in generate_hf(model, tok, prompts, GenParams(max_new_tokens=300, batch_size=2,
+                                                                                stop_ids=(1,), refill=1))}
+    assert max(map(len, got.values())) == 300
+    for i, ids in prompts:
+        assert got[i] == [t for t in _generate_one(model, ids, 300, (1,)) if t != 1], i
+
+
 def test_sampling_is_seeded_and_never_drafts():
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model, make_tokenizer
