@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selfdistill.data import load_examples  # noqa: E402
-from selfdistill.distill.generate import greedy_ids  # noqa: E402
-from selfdistill.distill.onednn import PACK_ROWS, _packed_forward  # noqa: E402
 from selfdistill.distill.prompts import render_rewrite  # noqa: E402
+from selfdistill.engine import greedy_ids  # noqa: E402
+from selfdistill.engine.compat import onednn_linear, onednn_pack  # noqa: E402
+from selfdistill.engine.packed_linears import PACK_ROWS  # noqa: E402
 from selfdistill.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 
@@ -73,17 +74,17 @@ def main() -> None:
         print(f"  {tokens:4d} tokens: {ms:6.1f} ms  {flops * tokens / ms / 1e6:6.0f} GFLOP/s  {ms / tokens:.3f} ms/token")
     print("  time vs 64 tokens: " + "  ".join(f"{t}: x{ms / times[64]:.2f}" for t, ms in times.items()))
 
-    # The engine's packed linears (distill/onednn.py): weights reordered once for oneDNN, timed alternately with
+    # The engine's packed linears (engine/packed_linears.py): weights reordered once for oneDNN, timed alternately with
     # plain F.linear so both see the same drift.
     lm_head = model.lm_head.weight
-    print("projections and LM head on weights packed once (distill/onednn.py) vs F.linear, alternating")
+    print("projections and LM head on weights packed once (engine/packed_linears.py) vs F.linear, alternating")
     for tokens in (16, 64, 128, 256, 1024):
         xs = {k: torch.randn(tokens, k, dtype=torch.bfloat16) for k in {w.shape[1] for w in weights}}
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) for w in (*weights, lm_head)]
+        packed = [onednn_pack(w, PACK_ROWS) for w in (*weights, lm_head)]
         runs = {"layer plain": lambda: [linear(xs[w.shape[1]], w) for w in weights],
-                "layer packed": lambda: [_packed_forward(p, None, xs[w.shape[1]]) for w, p in zip(weights, packed)],
+                "layer packed": lambda: [onednn_linear(p, None, xs[w.shape[1]]) for w, p in zip(weights, packed)],
                 "head plain": lambda: linear(xs[lm_head.shape[1]], lm_head),
-                "head packed": lambda: _packed_forward(packed[-1], None, xs[lm_head.shape[1]])}
+                "head packed": lambda: onednn_linear(packed[-1], None, xs[lm_head.shape[1]])}
         assert torch.equal(runs["layer plain"]()[-1], runs["layer packed"]()[-1])
         assert torch.equal(runs["head plain"](), runs["head packed"]())
         ms = alternating(runs)

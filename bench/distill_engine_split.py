@@ -3,7 +3,7 @@
 Times every prefill chunk and every decode step of one engine run (the same 64 GSM8K rewrite prompts as
 bench/distill_throughput.py) and prints both totals, the mean step time and rows per step; with --profile
 it also prints torch.profiler's top operators over 10 decode steps with `--profile-rows` rows live, and
-with --packed-ab the median decode step with and without the packed linears (distill/onednn.py), the two
+with --packed-ab the median decode step with and without the packed linears (engine/packed_linears.py), the two
 alternating step by step on one engine so that both see the same drift of the box's speed.
 
     .venv/bin/python bench/distill_engine_split.py --n 64 --batch-size 64 --max-new-tokens 256
@@ -24,11 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from selfdistill import engine as engine_module  # noqa: E402
 from selfdistill.data import load_examples  # noqa: E402
-from selfdistill.distill import generate as engine_module  # noqa: E402
-from selfdistill.distill.onednn import packed_linears  # noqa: E402
 from selfdistill.distill.prompts import render_rewrite  # noqa: E402
-from selfdistill.models import DEFAULT_MODEL, load_model  # noqa: E402
+from selfdistill.engine import packed_linears  # noqa: E402
+from selfdistill.models import DEFAULT_MODEL, load_model, stop_token_ids  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     examples = load_examples(args.data, "gsm8k", limit=args.n)
     ids = [tok(render_rewrite(e, tok)[0], add_special_tokens=False)["input_ids"] for e in examples]
     params = engine_module.GenParams(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                     stop_ids=engine_module.stop_token_ids(tok, model),
+                                     stop_ids=stop_token_ids(tok, model),
                                      prefill_tokens=args.prefill_tokens, ragged=not args.no_ragged,
                                      draft_tokens=args.draft_tokens, draft_budget=args.draft_budget)
     seconds, calls, rows, slots = Counter(), Counter(), 0, 0

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selfdistill.data import load_examples  # noqa: E402
-from selfdistill.distill.generate import GenParams, generate_hf, length_sorted, stop_token_ids  # noqa: E402
 from selfdistill.distill.prompts import render_rewrite  # noqa: E402
-from selfdistill.models import DEFAULT_MODEL, load_model  # noqa: E402
+from selfdistill.engine import GenParams, generate_hf, length_sorted  # noqa: E402
+from selfdistill.models import DEFAULT_MODEL, load_model, stop_token_ids  # noqa: E402
 
 PEAK_FLOPS = 425e9  # the bf16 matmul rate on the project's 2 cores
 ROOFLINE_TOK_S = PEAK_FLOPS / (2 * 135e6)

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selfdistill.data import load_examples  # noqa: E402
-from selfdistill.distill.generate import GenParams, NgramDrafter  # noqa: E402
 from selfdistill.distill.prompts import render_rewrite  # noqa: E402
+from selfdistill.engine import GenParams, NgramDrafter  # noqa: E402
 from selfdistill.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 

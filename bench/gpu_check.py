@@ -132,8 +132,8 @@ def plain_generate_stage(c: Check) -> dict[str, Any]:
 
 def eager_decode_stage(c: Check) -> dict[str, Any]:
     """The engine's decode path for models without its slot attention (a CPU mask once reached a CUDA model)."""
-    from selfdistill.distill.generate import GenParams, generate_hf, stop_token_ids
-    from selfdistill.models import load_model
+    from selfdistill.engine import GenParams, generate_hf
+    from selfdistill.models import load_model, stop_token_ids
 
     model, tok = load_model(c.paths["parent"], dtype=c.dtype, device=c.device, attn_implementation="eager")
     prompts = prompt_ids(Path(c.paths["data"]), tok, 3)

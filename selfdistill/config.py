@@ -20,13 +20,11 @@ from selfdistill.errors import UserError
 T = TypeVar("T")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", keyed: bool = True, keyed_when_changed: bool = False,
-        **kwargs: Any) -> Any:
+def opt(default: Any = dataclasses.MISSING, help: str = "", keyed: bool = True, **kwargs: Any) -> Any:
     """A dataclass field with a help text (shown by `--help`); list/dict defaults are copied per instance.
 
     `keyed=False`: never in a stage key (stages.key_config) — flags on how to treat an existing output
-    (`overwrite`, `restart`) change no result. `keyed_when_changed` has no effect: it kept old runs' keys,
-    and is accepted only until selfdistill/distill stops passing it.
+    (`overwrite`, `restart`) change no result.
     """
     meta = {"help": help, "keyed": keyed}
     if isinstance(default, (list, dict)):

@@ -16,6 +16,7 @@ from typing import Any
 
 from selfdistill.config import opt
 from selfdistill.console import progress
+from selfdistill.engine.compat import attention_implementation
 from selfdistill.models import DEFAULT_MODEL, cache_kwargs, count_parameters, paper_flops_per_token
 from selfdistill.rundir import atomic_write_json, atomic_write_text
 from selfdistill.tables import fmt, markdown_table
@@ -56,7 +57,7 @@ def executed_flops(model: Any, seq_len: int) -> dict[str, int]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    previous = model.config._attn_implementation
+    previous = attention_implementation(model.config)
     model.set_attn_implementation("eager")
     try:
         ids = _random_ids(model, seq_len)

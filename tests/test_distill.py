@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,8 @@ import torch
 
 from selfdistill.config import from_dict
 from selfdistill.distill import DistillConfig, distill
-from selfdistill.distill.generate import GenParams, generate_hf, length_sorted
 from selfdistill.distill.prompts import MATH_PREFILL
+from selfdistill.engine import GenParams, generate_hf, length_sorted
 from selfdistill.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +62,44 @@ def _generate_one(model, ids: list[int], max_new: int, stops: tuple[int, ...]) -
     return out[0, len(ids):].tolist()
 
 
+def _lively(model, seed: int = 0):
+    """Re-draw the matrices at unit scale: at HF's 0.02 init a tiny model just repeats one token, which any
+    engine would reproduce; a lively one's greedy continuation depends on every position it attends to."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    return model
+
+
+@contextmanager
+def _watch_forwards(model) -> Iterator[list[dict]]:
+    """What each forward of `model` within the block was given: input shape, logits kept (0 = every
+    position: a packed decode step), the cache's class, and how many sdpa calls it made (one per layer and
+    group of slots, with `_count_sdpa`)."""
+    seen: list[dict] = []
+
+    def before(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen.append({"shape": tuple(kwargs["input_ids"].shape), "keep": kwargs.get("logits_to_keep"),
+                     "cache": type(cache).__name__, "sdpa": 0})
+    handle = model.register_forward_pre_hook(before, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _count_sdpa(monkeypatch, seen: list[dict]) -> None:
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        seen[-1]["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+
+
 # one prompt per prefill chunk and one decode attention group per slot / all prompts in one chunk and group
 @pytest.mark.parametrize("prefill_tokens,group_cost", [(1, 0), (1024, 10**6)])
 def test_refill_engine_equals_one_at_a_time_generate(prefill_tokens, group_cost, monkeypatch):
@@ -66,59 +107,71 @@ def test_refill_engine_equals_one_at_a_time_generate(prefill_tokens, group_cost,
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model, make_tokenizer
 
-    from selfdistill.distill import generate
-
-    plans = []
-    split = generate.split_slots
-    monkeypatch.setattr(generate, "split_slots", lambda *a, **k: plans.append(split(*a, **k)) or plans[-1])
-    monkeypatch.setattr(generate.RefillEngine, "GROUP_COST", group_cost)
-    model, tok = make_model(layers=3, seed=3), make_tokenizer()
+    model, tok = _lively(make_model(layers=3, seed=3)), make_tokenizer()
     assert model.config._attn_implementation == "sdpa"
     prompts, stops = _random_prompts(11), (17, 40, 99)
-    params = GenParams(max_new_tokens=9, batch_size=3, stop_ids=stops, refill=1, prefill_tokens=prefill_tokens)
-    got = {r.index: r for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
+    params = GenParams(max_new_tokens=9, batch_size=3, stop_ids=stops, refill=1, prefill_tokens=prefill_tokens,
+                       group_cost=group_cost)
+    with _watch_forwards(model) as seen:
+        _count_sdpa(monkeypatch, seen)
+        got = {r.index: r for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
+        monkeypatch.undo()
     assert sorted(got) == list(range(11))
     for i, ids in prompts:
         ref = _generate_one(model, ids, 9, stops)
         finish = "stop" if ref and ref[-1] in stops else "length"
         assert got[i].tokens == [t for t in ref if t not in stops] and got[i].finish == finish, i
-    assert max(map(len, plans)) == (3 if group_cost == 0 else 1)  # the ragged decode path ran as planned
+    decode = [f for f in seen if f["keep"] == 0]  # packed decode steps: the ragged path ran
+    assert decode and all(f["shape"][0] == 1 for f in decode)
+    # 3 layers x (one group per slot / one group for all slots)
+    assert max(f["sdpa"] for f in decode) == 3 * (3 if group_cost == 0 else 1)
+    prefills = [f for f in seen if f["keep"] == 1]
+    assert (max(f["shape"][0] for f in prefills) == 1) == (prefill_tokens == 1)
     assert model.config._attn_implementation == "sdpa"  # restored after each step
 
 
 @pytest.mark.parametrize("draft_budget", [128, 6])  # every row drafts / only some steps have room to
-def test_drafted_decoding_equals_plain_greedy(draft_budget, monkeypatch):
+def test_drafted_decoding_equals_plain_greedy(draft_budget):
     """Prompt-lookup drafts are verified against the argmax: same ids as `generate`, in fewer steps."""
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model, make_tokenizer
 
-    from selfdistill.distill import generate
-
-    steps, accepted = [], []
-    packed = generate.RefillEngine._packed_step
-
-    def counting(self):
-        before = sum(map(len, self.out))
-        steps.append(1)
-        yield from packed(self)
-        accepted.append(sum(map(len, self.out)) - before)
-    monkeypatch.setattr(generate.RefillEngine, "_packed_step", counting)
-    model, tok = make_model(layers=3, seed=3), make_tokenizer()
+    model, tok = _lively(make_model(layers=3, seed=3)), make_tokenizer()
     prompts, stops = _random_prompts(11), (17, 40, 99)
     params = GenParams(max_new_tokens=40, batch_size=3, stop_ids=stops, refill=1, draft_tokens=4,
                        draft_budget=draft_budget)
-    got = {r.index: r.tokens for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
+    with _watch_forwards(model) as seen:
+        got = {r.index: r.tokens for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
+    steps = [f for f in seen if f["keep"] == 0]
     for i, ids in prompts:
         assert got[i] == [t for t in _generate_one(model, ids, 40, stops) if t not in stops], i
-    assert max(accepted) > 3  # some step emitted more tokens than there were rows: drafts were kept
+    assert max(f["shape"][1] for f in steps) > 3  # some step fed more tokens than there are slots: drafts
+    assert max(f["shape"][1] for f in steps) <= max(3, draft_budget)
+    # more tokens fed than all rows emitted (stop tokens and prefill included): some drafts were rejected
+    assert sum(f["shape"][1] for f in steps) > sum(map(len, got.values())) + 2 * len(prompts)
+    # each step emits at most one token per row without drafts: far fewer steps means drafts were kept
     assert len(steps) < 0.8 * sum(map(len, got.values())) / 3
+
+
+def test_rows_longer_than_the_spare_columns_grow_the_kv_buffer():
+    """300 new tokens outgrow the window's spare columns: the buffer grows mid-decode, ids stay generate's."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import make_model, make_tokenizer
+
+    model, tok = _lively(make_model(layers=2, seed=3)), make_tokenizer()
+    prompts = _random_prompts(4)
+    got = {r.index: r.tokens for r in generate_hf(model, tok, prompts, GenParams(max_new_tokens=300, batch_size=2,
+                                                                                stop_ids=(1,), refill=1))}
+    assert max(map(len, got.values())) == 300
+    for i, ids in prompts:
+        assert got[i] == [t for t in _generate_one(model, ids, 300, (1,)) if t != 1], i
 
 
 def test_sampling_is_seeded_and_never_drafts():
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model, make_tokenizer
 
-    from selfdistill.distill.generate import RefillEngine
+    from selfdistill.engine import RefillEngine
 
     model, tok = make_model(layers=2, seed=1), make_tokenizer()
     params = GenParams(max_new_tokens=12, batch_size=4, stop_ids=(17,), temperature=0.9, top_p=0.9, seed=5)
@@ -129,7 +182,7 @@ def test_sampling_is_seeded_and_never_drafts():
 
 
 def test_ngram_drafter_proposes_the_latest_continuation_of_the_longest_match():
-    from selfdistill.distill.generate import NgramDrafter
+    from selfdistill.engine import NgramDrafter
 
     assert NgramDrafter([5, 6, 7, 1, 2, 5, 6], max_n=3).draft(3) == [7, 1, 2]
     assert NgramDrafter([5, 6, 7, 1, 5, 6, 8, 2, 5, 6], max_n=3).draft(2) == [8, 2]  # the latest "5 6"
@@ -143,7 +196,7 @@ def test_ngram_drafter_proposes_the_latest_continuation_of_the_longest_match():
 
 
 def test_greedy_ids_match_fp32_argmax_with_ties_and_negatives():
-    from selfdistill.distill.generate import greedy_ids
+    from selfdistill.engine import greedy_ids
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):
@@ -160,24 +213,28 @@ def test_greedy_ids_match_fp32_argmax_with_ties_and_negatives():
 
 
 def test_prefill_chunks_fill_the_token_budget_longest_first():
-    from selfdistill.distill.generate import RefillEngine
+    """Prompts are prefilled longest first, as many per forward as fit in prefill_tokens once padded."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import make_model, make_tokenizer
 
-    engine = RefillEngine.__new__(RefillEngine)  # _chunks only reads the params
-    engine.params = GenParams(prefill_tokens=100)
-    batch = [(i, [1] * n) for i, n in enumerate([10, 60, 30, 25, 120, 30, 5])]
-    free = [9, 8, 7, 6, 5, 4, 3]
-    chunks = list(engine._chunks(batch, free))
-    assert [[i for i, _ in c] for c, _ in chunks] == [[4], [1], [2, 5, 3], [0, 6]]
-    assert [s for _, slots in chunks for s in slots] == [5, 8, 7, 4, 6, 9, 3]  # each prompt keeps its slot
-    for chunk, _ in chunks:  # padded to its own longest, within the budget unless one prompt alone exceeds it
-        assert len(chunk) == 1 or len(chunk) * max(len(ids) for _, ids in chunk) <= 100
+    model, tok = _lively(make_model(layers=2, seed=2)), make_tokenizer()
+    g = torch.Generator().manual_seed(1)
+    prompts = [(i, torch.randint(3, 260, (n,), generator=g).tolist()) for i, n in enumerate([10, 60, 30, 25, 120, 30, 5])]
+    stops = (17, 40, 99)
+    params = GenParams(max_new_tokens=3, batch_size=7, stop_ids=stops, prefill_tokens=90)
+    with _watch_forwards(model) as seen:
+        got = {r.index: r.tokens for r in generate_hf(model, tok, prompts, params)}
+    # padded to its own longest, within the budget (3 x 30 fills it) unless one prompt alone exceeds it
+    assert [f["shape"] for f in seen if f["keep"] == 1] == [(1, 120), (1, 60), (3, 30), (2, 10)]
+    for i, ids in prompts:  # each prompt's KV went to its own slot
+        assert got[i] == [t for t in _generate_one(model, ids, 3, stops) if t not in stops], i
 
 
 def test_packed_linears_give_the_same_bf16_outputs_and_are_undone():
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model
 
-    from selfdistill.distill.onednn import can_pack, packed_linears
+    from selfdistill.engine import can_pack, packed_linears
 
     model = make_model(layers=2, seed=4).to(torch.bfloat16)
     if not can_pack(model):
@@ -197,7 +254,7 @@ def test_packed_linears_give_the_same_bf16_outputs_and_are_undone():
 
 
 def test_split_slots_groups_rows_by_their_first_column():
-    from selfdistill.distill.generate import split_slots
+    from selfdistill.engine.attention import split_slots
 
     # Two long rows then two short ones: splitting saves 2 x 90 columns, worth one extra call of cost 50.
     assert split_slots([0, 5, 90, 95], end=100, group_cost=50) == [(0, 2, 0), (2, 4, 90)]
@@ -205,6 +262,83 @@ def test_split_slots_groups_rows_by_their_first_column():
     assert split_slots([3], end=10, group_cost=0) == [(0, 1, 3)]
     # Rows also end apart once drafts are accepted: a row far behind is cheaper in a group of its own.
     assert split_slots([0, 0, 0], end=[100, 100, 10], group_cost=50) == [(0, 2, 0), (2, 3, 0)]
+
+
+def _without(monkeypatch, *features: str) -> None:
+    """Make the engine's compat checks report `features` missing, with no warning given yet."""
+    import dataclasses
+
+    from selfdistill.engine import compat
+
+    monkeypatch.setattr(compat, "_caps", dataclasses.replace(compat.capabilities(), **dict.fromkeys(features, False)))
+    monkeypatch.setattr(compat, "_warned", set())
+
+
+def _fallback_warnings(record) -> list[str]:
+    """The features named by the engine's fallback warnings, one entry per warning."""
+    return sorted(str(w.message).split(": ")[1].split()[0] for w in record
+                  if str(w.message).startswith("selfdistill engine:"))
+
+
+@pytest.mark.parametrize("missing", [("attention_registry",), ("attention_switch",), ("slot_cache",),
+                                     ("attention_registry", "attention_switch", "slot_cache", "onednn_linear")])
+def test_engine_falls_back_to_plain_transformers_when_private_apis_are_missing(missing, monkeypatch):
+    """Without the private transformers APIs the engine takes the plain path: same greedy ids, one warning each."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import make_model, make_tokenizer
+
+    model, tok = _lively(make_model(layers=3, seed=3)), make_tokenizer()
+    prompts, stops = _random_prompts(7, seed=4), (17, 40, 99)
+    params = GenParams(max_new_tokens=9, batch_size=3, stop_ids=stops, refill=1)
+    full = {r.index: r.tokens for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
+    _without(monkeypatch, *missing)
+    with pytest.warns(RuntimeWarning) as record, _watch_forwards(model) as seen:
+        runs = [{r.index: r.tokens for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}
+                for _ in range(2)]
+    assert runs[0] == runs[1] == full
+    for i, ids in prompts:
+        assert full[i] == [t for t in _generate_one(model, ids, 9, stops) if t not in stops], i
+    assert max(len(set(t)) for t in full.values()) > 3  # a continuation that depends on the KV
+    decode = [f for f in seen if f["keep"] == 1 and f["shape"][1] == 1 and f["shape"][0] == 3]
+    assert decode and not any(f["keep"] == 0 for f in seen)  # [slots, 1] batch steps, no packed step
+    assert all(f["cache"] == ("DynamicCache" if "slot_cache" in missing else "Cache") for f in decode)
+    # one warning per missing feature the run needed, over both runs (fp32 never packs: no oneDNN warning)
+    assert _fallback_warnings(record) == sorted(set(missing) - {"onednn_linear"})
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_packed_linears_fall_back_to_plain_linears_with_one_warning(monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import make_model, make_tokenizer
+
+    from selfdistill.engine import packed_linears
+
+    model, tok = make_model(layers=2, seed=4).to(torch.bfloat16), make_tokenizer()
+    prompts = _random_prompts(4, seed=5)
+    params = GenParams(max_new_tokens=6, batch_size=2, stop_ids=(17,), packed_linears=False)
+    plain = [(r.index, r.tokens) for r in generate_hf(model, tok, prompts, params)]
+    _without(monkeypatch, "onednn_linear")
+    with pytest.warns(RuntimeWarning) as record:
+        with packed_linears(model) as n:
+            assert n == 0 and not any("forward" in vars(m) for m in model.modules())
+        fallback = [(r.index, r.tokens) for r in generate_hf(model, tok, prompts, replace(params, packed_linears=True))]
+    assert fallback == plain and _fallback_warnings(record) == ["onednn_linear"]
+
+
+def test_a_packed_step_refuses_to_run_when_the_model_ignores_the_slot_attention(monkeypatch):
+    """If transformers stopped reading the attention switch, the step stops instead of emitting wrong tokens
+    (one slot: the model's own sdpa would run on the whole buffer without complaint)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from contextlib import nullcontext
+
+    from tiny import make_model, make_tokenizer
+
+    from selfdistill.engine import compat
+
+    model, tok = make_model(layers=2, seed=3), make_tokenizer()
+    monkeypatch.setattr(compat, "switched_attention", lambda config, name: nullcontext())
+    with pytest.raises(RuntimeError, match="slot attention"):
+        list(generate_hf(model, tok, _random_prompts(3), GenParams(max_new_tokens=4, batch_size=1, stop_ids=(17,))))
 
 
 def test_rows_in_input_order_with_contract_fields(tiny_run, gsm8k_train):

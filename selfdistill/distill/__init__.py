@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,13 @@ from typing import Any
 
 from selfdistill.config import opt, to_dict
 from selfdistill.data import Example, load_examples
-from selfdistill.distill import resume
+from selfdistill.distill import resume, sharding
 from selfdistill.distill.attempts import Attempt, AttemptPlan, attempt_fields, attempt_stats, best_of_k, chosen
 from selfdistill.distill.backends import BACKENDS, vllm_layout
-from selfdistill.distill.generate import GenParams, Result
 from selfdistill.distill.prompts import MODES, RewritePrompt, check_template, render_prompt
 from selfdistill.distill.records import check_prefix, make_row, open_for_append, read_complete, summarize, sync, write_row
 from selfdistill.distill.verify import DEFAULT_VERIFIERS, VERIFIERS, VerifyOptions, verify
+from selfdistill.engine import GenParams, Result
 from selfdistill.errors import UserError
 from selfdistill.guard import claim_output
 from selfdistill.models import DEFAULT_MODEL, check_safe_weights, resolve_device, resolve_dtype, resolve_model
@@ -56,17 +55,14 @@ class DistillConfig:
     max_new_tokens: int = opt(512, "limit per rewrite")
     temperature: float = opt(0.0, "0 = greedy; SDFT sampled with 0.95")
     top_p: float = opt(1.0, "nucleus sampling mass (SDFT: 0.7)")
-    mode: str = opt("rewrite", "rewrite (the parent sees question + reference) or answer (the question only)",
-                    keyed_when_changed=True)
-    samples: int = opt(1, "k: attempts per row; attempts 2..k are sampled only for rows still unverified",
-                       keyed_when_changed=True)
-    sample_temperature: float = opt(0.95, "temperature of attempts 2..k (SDFT's 0.95)", keyed_when_changed=True)
-    sample_top_p: float = opt(0.7, "nucleus mass of attempts 2..k (SDFT's 0.7)", keyed_when_changed=True)
-    sample_block: int = opt(256, "rows whose k attempts finish before the next rows start (samples > 1)",
-                            keyed_when_changed=True)
+    mode: str = opt("rewrite", "rewrite (the parent sees question + reference) or answer (the question only)")
+    samples: int = opt(1, "k: attempts per row; attempts 2..k are sampled only for rows still unverified")
+    sample_temperature: float = opt(0.95, "temperature of attempts 2..k (SDFT's 0.95)")
+    sample_top_p: float = opt(0.7, "nucleus mass of attempts 2..k (SDFT's 0.7)")
+    sample_block: int = opt(256, "rows whose k attempts finish before the next rows start (samples > 1)")
     refill: int = opt(0, "hf: refill when this many slots are free (0 = batch_size/8)")
     draft_tokens: int = opt(GenParams.draft_tokens, "hf, greedy: prompt-lookup draft tokens per row and step, "
-                            "kept only where the argmax agrees (0 = off)", keyed_when_changed=True)
+                            "kept only where the argmax agrees (0 = off)")
     verifiers: list[str] = opt([], "chain of blacklist, math, similarity, none (default: per recipe)")
     similarity_floor: float = opt(0.0, "ROUGE-L F1 floor for the similarity verifier")
     keep_truncated: bool = opt(False, "keep rewrites that hit max_new_tokens")
@@ -116,19 +112,6 @@ def _field_map(items: list[str]) -> dict[str, str] | None:
     return dict(i.split("=", 1) for i in items)
 
 
-def _world(device: str, backend: str) -> tuple[Any, int, int]:
-    """(accelerate state or None, rank, world size) — one process unless launched distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, 0, 1
-    if backend == "vllm":  # vLLM's external launcher sets up torch.distributed itself
-        return None, int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
-    from accelerate import PartialState
-
-    # Without cpu=True accelerate sees no GPU and quietly runs every process alone (gloo needs it).
-    state = PartialState(cpu=resolve_device(device) == "cpu")
-    return state, state.process_index, state.num_processes
-
-
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """Rewrite `cfg.dataset` with the parent; returns the stats also written to stats.json."""
     started = time.time()
@@ -157,7 +140,7 @@ def _distill(cfg: DistillConfig, claim: Any, examples: list[Example], prompt: Re
     out = claim.path
     done_rows, keep_bytes = ([], 0) if claim.fresh else read_complete(out)
     check_prefix(out, done_rows, examples)
-    state, rank, world = _world(cfg.device, cfg.backend)
+    state, rank, world = sharding.world(cfg.device, cfg.backend)
     if state is not None:
         state.wait_for_everyone()  # every rank has read the output before rank 0 discards or records it
     shard, shards, writer = (rank, world, True) if cfg.backend != "vllm" \
@@ -169,10 +152,10 @@ def _distill(cfg: DistillConfig, claim: Any, examples: list[Example], prompt: Re
     todo = list(range(resume.resume_start(len(done_rows), block) if block else len(done_rows), len(examples)))
     todo = todo[shard * len(todo) // shards:(shard + 1) * len(todo) // shards]
     if claim.fresh:  # --restart/--overwrite: the old rows go only now, once every input has been checked
-        for path in ([out] if rank == 0 else []) + [_part(out, shard, shards)]:
+        for path in ([out] if rank == 0 else []) + [sharding.part_path(out, shard, shards)]:
             path.unlink(missing_ok=True)
     claim.commit()
-    gen_stats = {"generated_tokens": 0, "prefilled_tokens": 0, "generation_s": 0.0}
+    gen_stats = dict(sharding.NO_GENERATION)
     if todo or (cfg.backend == "vllm" and world > 1):  # vLLM's ranks build their engines together
         device = resolve_device(cfg.device)
         if state is not None and device == "cuda":
@@ -181,21 +164,19 @@ def _distill(cfg: DistillConfig, claim: Any, examples: list[Example], prompt: Re
         tok, generate = BACKENDS[cfg.backend](cfg.teacher, dtype, device, cfg.tensor_parallel_size, cfg.seed)
         if block:
             generate = functools.partial(resume.in_blocks, generate, block=block)
-        target = (out if shards == 1 else _part(out, shard, shards)) if writer else out.with_name(f"{out.name}.copy{rank}")
+        target = (out if shards == 1 else sharding.part_path(out, shard, shards)) if writer \
+            else out.with_name(f"{out.name}.copy{rank}")
         gen_stats = _run(cfg, examples, todo, prompt, tok, generate, target,
                          keep_bytes if shards == 1 and writer else None, done_rows, block)
         if not writer:  # a copy of its replica's rows
             target.unlink(missing_ok=True)
-            gen_stats = {"generated_tokens": 0, "prefilled_tokens": 0, "generation_s": 0.0}
+            gen_stats = dict(sharding.NO_GENERATION)
     if world > 1:
-        shard_stats = _gather(state, gen_stats)  # also the barrier: every shard file is complete
-        gen_stats = {"generated_tokens": sum(g["generated_tokens"] for g in shard_stats),
-                     "prefilled_tokens": sum(g["prefilled_tokens"] for g in shard_stats),
-                     "generation_s": max(g["generation_s"] for g in shard_stats)}
+        gen_stats = sharding.combined(sharding.gather(state, gen_stats))  # also the barrier: shard files complete
         if rank != 0:
             return {"rank": rank, "rows": len(todo), **gen_stats}
         if shards > 1:
-            _merge_parts(out, keep_bytes, shards)
+            sharding.merge_parts(out, keep_bytes, shards)
     rows, _ = read_complete(out)
     stats = {**summarize(rows), **attempt_stats(rows, cfg.samples), "mode": cfg.mode,
              "rows_this_run": len(rows) - len(done_rows), "resumed_after": len(done_rows),
@@ -204,37 +185,6 @@ def _distill(cfg: DistillConfig, claim: Any, examples: list[Example], prompt: Re
              "wall_time_s": round(time.time() - started, 2), "config": to_dict(cfg)}
     atomic_write_json(out.parent / "stats.json", stats)
     return {k: v for k, v in stats.items() if k != "config"}
-
-
-def _gather(state: Any, value: dict[str, Any]) -> list[dict[str, Any]]:
-    """`value` of every process: through accelerate (hf), or vLLM's CPU process group (external launcher)."""
-    if state is not None:
-        from accelerate.utils import gather_object
-
-        return gather_object([value])
-    import torch.distributed as dist
-    from vllm.distributed.parallel_state import get_world_group
-
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value, group=get_world_group().cpu_group)
-    return values
-
-
-def _part(out: Path, rank: int, world: int) -> Path:
-    return out.with_name(f"{out.name}.part{rank}-of-{world}")
-
-
-def _merge_parts(out: Path, keep_bytes: int, world: int) -> None:
-    """Rank 0: append every shard's rows to `out` in rank order (= input order), then drop the shards."""
-    parts = [_part(out, r, world) for r in range(world)]
-    with open_for_append(out, keep_bytes) as f:
-        for part in parts:
-            rows, _ = read_complete(part)
-            for row in rows:
-                write_row(f, row)
-        sync(f)
-    for part in parts:
-        part.unlink(missing_ok=True)
 
 
 def _plan(cfg: DistillConfig, block: int | None) -> AttemptPlan:

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from selfdistill.distill.generate import GenParams, Result
 from selfdistill.distill.sampled import attempt_key
+from selfdistill.engine import GenParams, Result
 
 
 @dataclass(frozen=True)

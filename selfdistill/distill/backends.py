@@ -18,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from selfdistill.distill.generate import GenParams, Result, generate_hf, length_sorted, stop_token_ids
 from selfdistill.distill.sampled import generate_seeded
+from selfdistill.engine import GenParams, Result, generate_hf, length_sorted
 from selfdistill.errors import UserError
+from selfdistill.models import stop_token_ids
 
 GenerateFn = Callable[..., Iterator[Result]]
 

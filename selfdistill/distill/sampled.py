@@ -17,7 +17,8 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from selfdistill.distill.generate import GenParams, RefillEngine, Result
+from selfdistill.engine import GenParams, RefillEngine, Result
+from selfdistill.models import cache_kwargs
 
 _MASK = (1 << 64) - 1
 
@@ -43,7 +44,7 @@ def sample_rows(logits: Any, params: GenParams, uniforms: list[float]) -> Any:
     probs = torch.softmax(logits.float() / params.temperature, -1)
     sorted_p, order = probs.sort(-1, descending=True)
     cum = sorted_p.cumsum(-1)
-    # The nucleus is the smallest prefix reaching top_p (the same set generate.py's _pick keeps).
+    # The nucleus is the smallest prefix reaching top_p (the same set the engine's choose_tokens keeps).
     size = ((cum - sorted_p) <= params.top_p).sum(-1).clamp(min=1)
     mass = cum.gather(-1, (size - 1)[:, None])[:, 0]
     u = torch.tensor(uniforms, dtype=cum.dtype, device=cum.device)
@@ -67,7 +68,7 @@ class SeededEngine(RefillEngine):
     def _forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any, keep: int = 1,
                  **extra: Any) -> Any:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=keep, **extra)
+                         use_cache=True, logits_to_keep=keep, **cache_kwargs(self.model, cache), **extra)
         logits = out.logits[:, -1] if keep == 1 else out.logits[0]
         if self._expand is not None:
             logits = logits[self._expand.to(logits.device)]
@@ -86,14 +87,14 @@ class SeededEngine(RefillEngine):
             expand.append(where[tuple(prompt)])
         self._expand, self._rows = torch.tensor(expand), [(index, 0) for index, _ in chunk]
         try:
-            pc, first, attn = super()._prefill(unique)
+            kv, first, attn = super()._prefill(unique)
         finally:
             self._expand = None
         self.prefilled_tokens += sum(len(p) for _, p in unique)
         rows = torch.tensor(expand)
-        for layer in pc.layers:  # every copy gets the one prefill's KV in its own slot
-            layer.keys, layer.values = layer.keys[rows.to(layer.keys.device)], layer.values[rows.to(layer.keys.device)]
-        return pc, first, attn[rows]
+        # every copy gets the one prefill's KV in its own slot
+        kv = [(k[rows.to(k.device)], v[rows.to(k.device)]) for k, v in kv]
+        return kv, first, attn[rows]
 
     def _step(self) -> Iterator[Result]:
         # Sampling never drafts, so a packed step has one logits row per live slot, in slot order; a batch

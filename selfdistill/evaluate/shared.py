@@ -22,6 +22,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from selfdistill.engine.compat import attention_implementation
 from selfdistill.errors import UserError
 
 # Architectures whose logits are exactly lm_head(decoder(x)) and whose attention takes a 4D mask as given.
@@ -167,8 +168,9 @@ class SharedContextLM(HFLM):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         reason = unservable_reason(self.model.config)
-        if reason is None and getattr(self.model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-            reason = f"attention '{self.model.config._attn_implementation}' ignores custom 4D masks"
+        attn = attention_implementation(self.model.config, "sdpa")
+        if reason is None and attn not in ("sdpa", "eager"):
+            reason = f"attention '{attn}' ignores custom 4D masks"
         if reason is not None or self.backend != "causal":
             raise UserError(f"--backend shared cannot serve this model: {reason or 'not a causal LM'}")
 
