@@ -47,6 +47,11 @@ def say(message: str, *args: Any) -> None:
     CONSOLE.info(message, *args)
 
 
+def library_bars_hidden() -> bool:
+    """True under the quiet terminal: for a library bar that passes `disable=` itself (TQDM_DISABLE cannot)."""
+    return os.environ.get("TQDM_DISABLE") == "1"
+
+
 def progress(iterable: Any = None, **kwargs: Any) -> Any:
     """A tqdm bar for one of our own long loops: shown on the terminal even when library bars are off."""
     from tqdm.auto import tqdm

@@ -109,17 +109,44 @@ def parent_answers(parent: Any, tok: Any, prompts: Sequence[Any], max_new_tokens
     return sequences
 
 
-def per_prompt(parent: Any, child: Any, sequences: list[tuple[list[int], int]]) -> dict[str, list[float]]:
+def parent_logprobs(parent: Any, sequences: list[tuple[list[int], int]]) -> list[torch.Tensor | None]:
+    """The parent's log-probs over its own answer tokens, once per prompt (every child is compared to them).
+
+    Kept on the model's device: prompts x answer tokens x vocabulary floats (50 x 128 x 49k = 1.3 GB for the
+    built-in model), the price of not running the parent again for every child."""
+    return [_answer_logprobs(parent, ids, n) if n else None for ids, n in sequences]
+
+
+def per_prompt(reference: list[torch.Tensor | None], child: Any,
+               sequences: list[tuple[list[int], int]]) -> dict[str, list[float]]:
     """Summed KL, agreeing positions and answer tokens per prompt (the bootstrap's units)."""
     kl, agree, tokens = [], [], []
-    for ids, n in sequences:
-        if not n:
+    for lp, (ids, n) in zip(reference, sequences, strict=True):
+        if lp is None:
             continue
-        lp, lq = _answer_logprobs(parent, ids, n), _answer_logprobs(child, ids, n)
+        lq = _answer_logprobs(child, ids, n)
         kl.append(float((lp.exp() * (lp - lq)).sum()))
         agree.append(float((lp.argmax(-1) == lq.argmax(-1)).sum()))
         tokens.append(float(n))
     return {"kl": kl, "agree": agree, "tokens": tokens}
+
+
+def _per_child(children: Mapping[str, Any], sets: list[tuple[list, list]], dtype: str,
+               device: str) -> dict[str, list[dict[str, list[float]]]]:
+    """Each child loaded once and scored on every set: {label: [per_prompt of set 0, set 1, ...]}."""
+    stats = {}
+    for label, spec in progress(children.items(), desc="drift: children", unit="model"):
+        child = _load(spec, dtype, device)[0]
+        stats[label] = [per_prompt(reference, child, sequences) for sequences, reference in sets]
+        del child
+        gc.collect()  # one child in memory at a time
+    return stats
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    for label, s in summary["children"].items():
+        log.info("drift of %s over %d answer tokens: KL %.4f, agreement %.4f", label, s["tokens"], s["kl"],
+                 s["agreement"])
 
 
 def _draws(n: int, iters: int, seed: int) -> torch.Tensor:
@@ -168,16 +195,9 @@ def measure(parent: Any, children: Mapping[str, Any], prompts: Sequence[Any], *,
     strings (user turns) or `data.Example`s."""
     pm, tok = _load(parent, dtype, device)
     sequences = parent_answers(pm, tok, prompts, max_new_tokens, batch_size)
-    stats = {}
-    for label, spec in progress(children.items(), desc="drift: children", unit="model"):
-        child = _load(spec, dtype, str(pm.device))[0]
-        stats[label] = per_prompt(pm, child, sequences)
-        del child
-        gc.collect()
-    summary = summarize(stats, bootstrap_iters, seed)
-    for label, s in summary["children"].items():
-        log.info("drift of %s over %d answer tokens: KL %.4f, agreement %.4f", label, s["tokens"], s["kl"],
-                 s["agreement"])
+    stats = _per_child(children, [(sequences, parent_logprobs(pm, sequences))], dtype, str(pm.device))
+    summary = summarize({label: per_set[0] for label, per_set in stats.items()}, bootstrap_iters, seed)
+    _log_summary(summary)
     return summary
 
 
@@ -201,12 +221,18 @@ def run_drift(cfg: DriftConfig) -> dict[str, Any]:
     from selfdistill.models import resolve_device
 
     device = resolve_device(cfg.device)
-    parent = _load(cfg.parent, cfg.dtype, device)
-    result: dict[str, Any] = {"parent": cfg.parent, "dtype": cfg.dtype, "device": device, "sets": {}}
-    for s in cfg.sets:
+    pm, tok = _load(cfg.parent, cfg.dtype, device)
+    loaded, sets = [], []
+    for s in cfg.sets:  # the parent answers every set first, so each child then loads once for all of them
         examples = load_examples(s.source, s.recipe, offset=s.offset, limit=s.limit, split=s.split, subset=s.subset)
-        out = measure(parent, cfg.children, examples, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                      dtype=cfg.dtype, device=device, bootstrap_iters=cfg.bootstrap_iters, seed=cfg.seed)
+        sequences = parent_answers(pm, tok, examples, cfg.max_new_tokens, cfg.batch_size)
+        loaded.append((s, examples))
+        sets.append((sequences, parent_logprobs(pm, sequences)))
+    stats = _per_child(cfg.children, sets, cfg.dtype, str(pm.device))
+    result: dict[str, Any] = {"parent": cfg.parent, "dtype": cfg.dtype, "device": device, "sets": {}}
+    for i, (s, examples) in enumerate(loaded):
+        summary = summarize({label: per_set[i] for label, per_set in stats.items()}, cfg.bootstrap_iters, cfg.seed)
+        _log_summary(summary)
         result["sets"][s.name] = {"source": s.source, "split": s.split, "offset": s.offset,
-                                  "rows": [e.id for e in examples], **out}
+                                  "rows": [e.id for e in examples], **summary}
     return result

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from tqdm import tqdm
 
+from selfdistill.console import library_bars_hidden, progress
 from selfdistill.engine.compat import attention_implementation
 from selfdistill.errors import UserError
 
@@ -174,6 +174,15 @@ class SharedContextLM(HFLM):
         if reason is not None or self.backend != "causal":
             raise UserError(f"--backend shared cannot serve this model: {reason or 'not a causal LM'}")
 
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # lm-eval's "Tokenizing inputs" bar passes disable= itself, so the quiet terminal hides it here; the
+        # requests bar below is our own and stays unless the caller asked for none.
+        self._bar_off = disable_tqdm
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or library_bars_hidden())
+        finally:
+            del self._bar_off
+
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
         if override_bs is not None:  # loglikelihood_rolling's disjoint windows: HFLM's exact path
@@ -181,8 +190,8 @@ class SharedContextLM(HFLM):
         size = self.batch_size if isinstance(self.batch_size, int) else 16  # "auto" probes HFLM's shapes, not ours
         groups = context_groups(requests, self.max_length)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
-                    desc="Running loglikelihood requests (shared contexts)")
+        pbar = progress(total=len(requests), disable=getattr(self, "_bar_off", disable_tqdm) or self.rank != 0,
+                        desc="loglikelihood requests (shared contexts)")
         for batch in batches(pack_rows(groups, ROW_TOKENS), size):
             for row, answers in zip(batch, self._score_rows(batch), strict=True):
                 for cont, answer in zip(row.continuations, answers, strict=True):
