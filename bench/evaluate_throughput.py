@@ -4,10 +4,12 @@ Both backends wrap one loaded copy of the built-in SmolLM2-135M-Instruct and run
 `simple_evaluate` (through the stage's own `run_tasks`) on the same seeded subsets of ARC-Easy and
 HellaSwag (0-shot, the `cpu` preset's tasks). Runs alternate hf, shared, shared, hf, ... so drift in
 the machine's load hits both alike. Per item it compares every choice's log-likelihood and the
-acc / acc_norm outcome between the backends.
+acc / acc_norm outcome between the backends; `--reference-batch-size` also compares HFLM with itself
+at another batch size, the floor below which two 16-bit runs cannot agree.
 
     .venv/bin/python bench/evaluate_throughput.py --items 300 --dtype bfloat16
     .venv/bin/python bench/evaluate_throughput.py --items 300 --dtype bfloat16 --softmax-dtype model
+    .venv/bin/python bench/evaluate_throughput.py --items 300 --dtype bfloat16 --reference-batch-size 4
     .venv/bin/python bench/evaluate_throughput.py --items 1200 --dtype float32 --rounds 1
 """
 
@@ -97,6 +99,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="pairs of runs (hf+shared), order alternating")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default="", help="also write the figures here")
+    ap.add_argument("--reference-batch-size", type=int, default=0,
+                    help="also run hf at this batch size and compare hf with itself: the reference's own noise "
+                         "floor (in 16-bit, other batch shapes round differently)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     specs = select_tasks("cpu", TASKS)
@@ -120,6 +125,10 @@ def main() -> None:
                "batch_size": args.batch_size, "threads": _threads(),
                "runs": runs, "items_per_s": best, "ratio": best["shared"] / best["hf"],
                **compare(items["hf"], items["shared"])}
+    if args.reference_batch_size:
+        other = make_backend("hf", model, tok, args.reference_batch_size, args.softmax_dtype)
+        summary["hf_vs_hf"] = {"batch_sizes": [args.batch_size, args.reference_batch_size],
+                               **compare(items["hf"], per_item(timed_run(other, tasks, args.seed)[0]))}
     print(json.dumps(summary, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))

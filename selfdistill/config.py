@@ -8,6 +8,7 @@ wrong types with a message naming the key, so a typo in a YAML file never runs s
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -42,7 +43,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; allow int->float and str->Path, nothing looser."""
+    """Check `value` against the annotation `tp`; allow int->float, a number written as a string ->float
+    and str->Path, nothing looser."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return _coerce_union(value, tp, key)
@@ -94,11 +96,16 @@ def _coerce_list(value: Any, tp: Any, key: str) -> list[Any]:
     return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads `5e-5`, without a dot, as a string
     if tp is Path and isinstance(value, str):
         return Path(value)
     if tp is bool and not isinstance(value, bool):

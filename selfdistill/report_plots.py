@@ -96,6 +96,7 @@ def cost_plot(scores: dict[str, Any], parent_flops: float | None, child_flops: f
         ax.errorbar([x], [value], yerr=_error_bars([(name, value, ci)]), fmt="o", capsize=3, markersize=4)
         ax.annotate(name, (x, value), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.axhline(100, color="grey", linewidth=0.6, linestyle="--")
+    ax.margins(x=0.12)  # room for the labels at both ends
     ax.set_xlabel("GFLOPs per token (2 × parameters)")
     ax.set_ylabel("retention, % of parent")
     return _save(plt, fig, ax, "Retention vs cost", out)

@@ -35,7 +35,16 @@ def test_types_are_checked_and_ints_widen_to_float():
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.grid == [0.0, 1.0] and cfg.inner.rank == 4
 
 
+def test_exponent_without_a_dot_is_a_float_in_yaml_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 5e-5\n")  # PyYAML (YAML 1.1) hands this over as the string '5e-5'
+    assert load_config(Outer, path).lr == 5e-5
+    assert load_config(Outer, None, ["lr=2E-4"]).lr == 2e-4
+    assert from_dict(Outer, {"lr": "3e-4"}).lr == 3e-4  # what argparse gives for --learning-rate 3e-4
+
+
 @pytest.mark.parametrize(("data", "message"), [
+    ({"lr": "fast"}, "config key 'lr'"),
     ({"nmae": "typo"}, "unknown config key 'nmae'"),
     ({"inner": {"rnak": 1}}, "unknown config key 'inner.rnak'"),
     ({"limit": "many"}, "config key 'limit'"),
