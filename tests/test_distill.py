@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import lively
 
 from selfdistill.config import from_dict
 from selfdistill.distill import DistillConfig, distill
@@ -62,17 +63,6 @@ def _generate_one(model, ids: list[int], max_new: int, stops: tuple[int, ...]) -
     return out[0, len(ids):].tolist()
 
 
-def _lively(model, seed: int = 0):
-    """Re-draw the matrices at unit scale: at HF's 0.02 init a tiny model just repeats one token, which any
-    engine would reproduce; a lively one's greedy continuation depends on every position it attends to."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-    return model
-
-
 @contextmanager
 def _watch_forwards(model) -> Iterator[list[dict]]:
     """What each forward of `model` within the block was given: input shape, logits kept (0 = every
@@ -107,7 +97,7 @@ def test_refill_engine_equals_one_at_a_time_generate(prefill_tokens, group_cost,
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model, make_tokenizer
 
-    model, tok = _lively(make_model(layers=3, seed=3)), make_tokenizer()
+    model, tok = lively(make_model(layers=3, seed=3)), make_tokenizer()
     assert model.config._attn_implementation == "sdpa"
     prompts, stops = _random_prompts(11), (17, 40, 99)
     params = GenParams(max_new_tokens=9, batch_size=3, stop_ids=stops, refill=1, prefill_tokens=prefill_tokens,
@@ -136,7 +126,7 @@ def test_drafted_decoding_equals_plain_greedy(draft_budget):
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model, make_tokenizer
 
-    model, tok = _lively(make_model(layers=3, seed=3)), make_tokenizer()
+    model, tok = lively(make_model(layers=3, seed=3)), make_tokenizer()
     prompts, stops = _random_prompts(11), (17, 40, 99)
     params = GenParams(max_new_tokens=40, batch_size=3, stop_ids=stops, refill=1, draft_tokens=4,
                        draft_budget=draft_budget)
@@ -158,7 +148,7 @@ def test_rows_longer_than_the_spare_columns_grow_the_kv_buffer():
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model, make_tokenizer
 
-    model, tok = _lively(make_model(layers=2, seed=3)), make_tokenizer()
+    model, tok = lively(make_model(layers=2, seed=3)), make_tokenizer()
     prompts = _random_prompts(4)
     got = {r.index: r.tokens for r in generate_hf(model, tok, prompts, GenParams(max_new_tokens=300, batch_size=2,
                                                                                 stop_ids=(1,), refill=1))}
@@ -217,7 +207,7 @@ def test_prefill_chunks_fill_the_token_budget_longest_first():
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model, make_tokenizer
 
-    model, tok = _lively(make_model(layers=2, seed=2)), make_tokenizer()
+    model, tok = lively(make_model(layers=2, seed=2)), make_tokenizer()
     g = torch.Generator().manual_seed(1)
     prompts = [(i, torch.randint(3, 260, (n,), generator=g).tolist()) for i, n in enumerate([10, 60, 30, 25, 120, 30, 5])]
     stops = (17, 40, 99)
@@ -287,7 +277,7 @@ def test_engine_falls_back_to_plain_transformers_when_private_apis_are_missing(m
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import make_model, make_tokenizer
 
-    model, tok = _lively(make_model(layers=3, seed=3)), make_tokenizer()
+    model, tok = lively(make_model(layers=3, seed=3)), make_tokenizer()
     prompts, stops = _random_prompts(7, seed=4), (17, 40, 99)
     params = GenParams(max_new_tokens=9, batch_size=3, stop_ids=stops, refill=1)
     full = {r.index: r.tokens for r in generate_hf(model, tok, length_sorted(prompts, 4), params)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny import make_model, make_tokenizer
+from tiny import lively, make_model, make_tokenizer
 
 from selfdistill.config import from_dict
 from selfdistill.errors import UserError
@@ -96,20 +96,8 @@ def test_eos_inside_accepted_run_stops_output():
     assert tokens == greedy_generate(FakeRunner(rule), PROMPT, 50, eos={0}) and tokens[-1] == 0 and len(tokens) == 6
 
 
-def _lively(model, seed):
-    """Re-draw the matrices at unit scale: at HF's 0.02 init a tiny tied model just repeats its last token."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-    return model
-
-
 def test_lossless_on_tiny_random_pair():
-    target, draft = _lively(make_model(layers=4), 0), _lively(make_model(layers=4), 0)
+    target, draft = lively(make_model(layers=4), 0), lively(make_model(layers=4), 0)
     del draft.model.layers[2]  # a pruned child: it agrees with its parent only part of the time
     draft.config.num_hidden_layers = 3
     for i, layer in enumerate(draft.model.layers):
@@ -196,10 +184,10 @@ def test_real_model_as_its_own_draft_accepts_everything(real_model_dir, data_dir
 def test_reference_ignores_the_checkpoints_sampling_settings():
     from selfdistill.speculative import _hf_generate
 
-    model = _lively(make_model(layers=2), 0)
+    model = lively(make_model(layers=2), 0)
     model.generation_config.repetition_penalty, model.generation_config.do_sample = 3.0, True
     cfg = SpeculateConfig(draft=["unused"], prompts="unused", max_new_tokens=12, k=2)
     reference = greedy_generate(ModelRunner(model), [100, 3, 77], 12, eos={2})
     assert _hf_generate(model, [100, 3, 77], cfg, {2}, 2) == reference
-    assert _hf_generate(model, [100, 3, 77], cfg, {2}, 2, assistant=_lively(make_model(layers=2), 1)) == reference
+    assert _hf_generate(model, [100, 3, 77], cfg, {2}, 2, assistant=lively(make_model(layers=2), 1)) == reference
     assert model.generation_config.repetition_penalty == 3.0  # restored afterwards

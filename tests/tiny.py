@@ -59,3 +59,14 @@ def save_tiny(path: Path, arch: str = "llama", layers: int = 6, seed: int = 0) -
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def lively(model, seed: int = 0):
+    """Re-draw the matrices at unit scale: at HF's 0.02 init a tiny model just repeats one token, which any
+    engine or draft would reproduce; a lively one's greedy continuation depends on every position it attends to."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    return model
