@@ -21,18 +21,13 @@ from typing import Any
 from selfdistill import __version__, console
 from selfdistill.config import apply_overrides, field_help, from_dict, read_yaml
 from selfdistill.errors import UserError
+from selfdistill.stages import TABLE
 
 # command: (module, config class, stage function, one-line summary) — the only list of commands.
+# `run`, then one command per stage that has one, from the stage table (its module, config class, function).
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "run": ("selfdistill.pipeline", "PipelineConfig", "run", "run the whole method from one YAML config (resumable)"),
-    "prune": ("selfdistill.prune", "PruneConfig", "prune", "score blocks of layers and remove the most redundant one"),
-    "distill": ("selfdistill.distill", "DistillConfig", "distill", "let the parent rewrite a dataset's answers, verified"),
-    "finetune": ("selfdistill.finetune", "FinetuneConfig", "finetune", "recover a pruned child with LoRA or full fine-tuning"),
-    "evaluate": ("selfdistill.evaluate", "EvalConfig", "evaluate", "score models with lm-evaluation-harness; retention"),
-    "merge": ("selfdistill.merge", "MergeConfig", "merge", "SLERP/linear merge of two children"),
-    "speculate": ("selfdistill.speculative", "SpeculateConfig", "speculate", "children as speculative drafts of the parent"),
-    "profile": ("selfdistill.profile", "ProfileConfig", "profile", "parameters, FLOPs per token and latency"),
-    "report": ("selfdistill.report", "ReportConfig", "report", "write report.md / report.html for a run directory"),
+    **{s.name: (s.module, s.config, s.function, s.command) for s in TABLE if s.command},
 }
 
 

@@ -42,6 +42,7 @@ class Stage:
     output: str = ""  # the file in the folder that later stages and the report read ("" = the folder)
     section: str | None = "="  # its section of the pipeline YAML: "=" its own name, None none
     defaults: dict[str, Any] = field(default_factory=dict)  # the section's defaults
+    command: str = ""  # the help line of its `selfdistill <name>` command ("" = run only within `selfdistill run`)
 
     @property
     def yaml_section(self) -> str | None:
@@ -58,24 +59,29 @@ TABLE: tuple[Stage, ...] = (
     Stage("parent-eval", "selfdistill.evaluate", "EvalConfig", "evaluate", "parent-eval",
           {"model": ["-"], "baseline": "", "out": "-"}, section="evaluate", output="scores.json"),
     Stage("prune", "selfdistill.prune", "PruneConfig", "prune", "pruned", {"model": "-", "out": "-"},
-          output="pruning.json", defaults={"num_layers": 6}),
+          output="pruning.json", defaults={"num_layers": 6},
+          command="score blocks of layers and remove the most redundant one"),
     Stage("distill", "selfdistill.distill", "DistillConfig", "distill", "distill-{}",
-          {"teacher": "-", "dataset": "-", "out": "-"}, output="distilled.jsonl"),
+          {"teacher": "-", "dataset": "-", "out": "-"}, output="distilled.jsonl",
+          command="let the parent rewrite a dataset's answers, verified"),
     Stage("finetune", "selfdistill.finetune", "FinetuneConfig", "finetune", "{}",
-          {"model": "-", "data": "-", "out": "-"}, reads=("prune", "distill")),
+          {"model": "-", "data": "-", "out": "-"}, reads=("prune", "distill"),
+          command="recover a pruned child with LoRA, partial or full fine-tuning"),
     Stage("merge", "selfdistill.merge", "MergeConfig", "merge", "merged", {"models": ["-", "-"], "out": "-"},
-          reads=("finetune",)),
+          reads=("finetune",), command="SLERP/linear merge of two children"),
     Stage("evaluate", "selfdistill.evaluate", "EvalConfig", "evaluate", "evaluate",
-          {"model": ["-"], "baseline": "-", "out": "-"}, reads=CHILDREN, output="scores.json"),
+          {"model": ["-"], "baseline": "-", "out": "-"}, reads=CHILDREN, output="scores.json",
+          command="score models with lm-evaluation-harness; retention"),
     Stage("drift", "selfdistill.evaluate.drift", "DriftConfig", "run_drift", "drift",
           {"parent": "-", "children": {"-": "-"}, "sets": []}, reads=CHILDREN, output="result.json"),
     Stage("speculate", "selfdistill.speculative", "SpeculateConfig", "speculate", "speculate",
-          {"target": "-", "draft": ["-"], "prompts": "-", "out": "-"}, reads=CHILDREN, output="speculate.json"),
+          {"target": "-", "draft": ["-"], "prompts": "-", "out": "-"}, reads=CHILDREN, output="speculate.json",
+          command="children as speculative drafts of the parent"),
     Stage("profile", "selfdistill.profile", "ProfileConfig", "profile", "profile", {"model": ["-"], "out": "-"},
-          reads=("prune",), output="profile.json"),
+          reads=("prune",), output="profile.json", command="parameters, FLOPs per token and latency"),
     Stage("report", "selfdistill.report", "ReportConfig", "report", "report", {"run_dir": "-"},
           reads=("parent-eval", "prune", "distill", "finetune", "merge", "evaluate", "drift", "speculate", "profile"),
-          section=None, output="report.md"),
+          section=None, output="report.md", command="write report.md / report.html for a run directory"),
 )
 BY_NAME = {s.name: s for s in TABLE}
 NAMES = tuple(BY_NAME)
