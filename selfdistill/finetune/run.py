@@ -18,6 +18,7 @@ from typing import Any
 from transformers.trainer_callback import ProgressCallback
 
 from selfdistill.config import dump_yaml, to_dict
+from selfdistill.console import progress
 from selfdistill.errors import UserError
 from selfdistill.finetune import FinetuneConfig, checkpoint_dir, recognize_checkpoints, shaping_settings
 from selfdistill.finetune.checkpoints import LOG_NAME, prepare_checkpoints
@@ -145,6 +146,13 @@ def prepare(cfg: FinetuneConfig, fresh: bool = False) -> Prepared:
 
 
 class _QuietProgress(ProgressCallback):
+    """The Trainer's step bar as one of our own (shown under the quiet terminal too), without the log dicts."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.training_bar = progress(total=state.max_steps, desc="training", unit="step")
+        self.current_step = 0
+
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         return None
 
