@@ -11,6 +11,7 @@ at another batch size, the floor below which two 16-bit runs cannot agree.
     .venv/bin/python bench/evaluate_throughput.py --items 300 --dtype bfloat16 --softmax-dtype model
     .venv/bin/python bench/evaluate_throughput.py --items 300 --dtype bfloat16 --reference-batch-size 4
     .venv/bin/python bench/evaluate_throughput.py --items 1200 --dtype float32 --rounds 1
+    .venv/bin/python bench/evaluate_throughput.py --tasks mmlu truthfulqa_mc2 --items 20
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def per_item(res: dict[str, Any]) -> dict[tuple[str, Any], dict[str, Any]]:
     for task, samples in res["samples"].items():
         for s in samples:
             lls = [float(r[0]) for r in s["filtered_resps"]]
-            out[(task, s["doc_id"])] = {"lls": lls, "acc": s["acc"], "acc_norm": s["acc_norm"]}
+            # MMLU and TruthfulQA report acc only.
+            out[(task, s["doc_id"])] = {"lls": lls, "acc": s["acc"], "acc_norm": s.get("acc_norm", s["acc"])}
     return out
 
 
@@ -77,21 +79,26 @@ def timed_run(lm: Any, tasks: dict[str, Any], seed: int) -> tuple[dict[str, Any]
     return res, wall, inner["s"]
 
 
-def compare(a: dict[tuple[str, Any], dict[str, Any]], b: dict[tuple[str, Any], dict[str, Any]]) -> dict[str, Any]:
+def compare(a: dict[tuple[str, Any], dict[str, Any]], b: dict[tuple[str, Any], dict[str, Any]],
+            tasks: list[str] = TASKS) -> dict[str, Any]:
     keys = sorted(a, key=str)
     diffs = [abs(x - y) for k in keys for x, y in zip(a[k]["lls"], b[k]["lls"], strict=True)]
     out: dict[str, Any] = {"items": len(keys), "max_abs_ll_diff": max(diffs)}
     for metric in ("acc", "acc_norm"):
-        out[f"{metric}_items_differing"] = sum(a[k][metric] != b[k][metric] for k in keys)
-        for task in TASKS:
-            mine = [k for k in keys if k[0] == f"sd_{task}"]
-            out[f"{task}_{metric}"] = [sum(d[k][metric] for k in mine) / len(mine) for d in (a, b)]
+        # Items whose right/wrong outcome flips; TruthfulQA mc2's acc is a probability mass, not an outcome.
+        outcomes = [k for k in keys if {a[k][metric], b[k][metric]} <= {0, 1}]
+        out[f"{metric}_items_differing"] = sum(a[k][metric] != b[k][metric] for k in outcomes)
+        for task in tasks:
+            mine = [k for k in keys if k[0] == f"sd_{task}" or k[0].startswith(f"sd_{task}_")]  # groups: subtasks
+            if mine:
+                out[f"{task}_{metric}"] = [sum(d[k][metric] for k in mine) / len(mine) for d in (a, b)]
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=300, help="seeded items per task")
+    ap.add_argument("--tasks", nargs="+", default=TASKS, help="local tasks (default: the study's two)")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--softmax-dtype", default="float32", choices=["float32", "model"],
@@ -104,13 +111,13 @@ def main() -> None:
                          "floor (in 16-bit, other batch shapes round differently)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    specs = select_tasks("cpu", TASKS)
+    specs = select_tasks("cpu", args.tasks)
     tm = task_manager(specs, default_data_dir(str(ROOT.parent / "shared" / "data")))
     objs, samples = load_tasks(specs, tm, limit=args.items, seed=args.seed)
     tasks = {"objs": objs, "samples": samples, "tm": tm}
     model, tok = load_model(DEFAULT_MODEL, dtype=args.dtype)
     lms = {name: make_backend(name, model, tok, args.batch_size, args.softmax_dtype) for name in ("hf", "shared")}
-    n_items = args.items * len(TASKS)
+    n_items = args.items * len(args.tasks)
     runs: dict[str, list[dict[str, float]]] = {"hf": [], "shared": []}
     items: dict[str, Any] = {}
     for r in range(args.rounds):
@@ -124,14 +131,14 @@ def main() -> None:
     summary = {"items": n_items, "dtype": args.dtype, "softmax_dtype": args.softmax_dtype,
                "batch_size": args.batch_size, "threads": _threads(),
                "runs": runs, "items_per_s": best, "ratio": best["shared"] / best["hf"],
-               **compare(items["hf"], items["shared"])}
+               "tasks": args.tasks, **compare(items["hf"], items["shared"], args.tasks)}
     if args.reference_batch_size:
         other = make_backend("hf", model, tok, args.reference_batch_size, args.softmax_dtype)
         summary["hf_vs_hf"] = {"batch_sizes": [args.batch_size, args.reference_batch_size],
-                               **compare(items["hf"], per_item(timed_run(other, tasks, args.seed)[0]))}
-    print(json.dumps(summary, indent=1))
+                               **compare(items["hf"], per_item(timed_run(other, tasks, args.seed)[0]), args.tasks)}
+    print(json.dumps(summary, indent=1, default=float))  # lm-eval scores may be numpy numbers
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=float))
 
 
 def _threads() -> int:

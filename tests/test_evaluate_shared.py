@@ -64,7 +64,12 @@ def long_contexts(rnd):  # longer than max_length (64 byte tokens): HFLM keeps t
     return [(ctx, " " + words(rnd, k)) for k in (1, 3, 6)] + [(words(rnd, 30), " " + words(rnd, 2))]
 
 
-@pytest.mark.parametrize("make_pairs", [shared_contexts, no_shared_contexts, long_contexts])
+def one_token_answers(rnd):  # MMLU-like: few-shot contexts, answers of one token (no row needs a mask)
+    contexts = [f"{words(rnd, 12)}\nAnswer:" for _ in range(3)]
+    return [(ctx, letter) for ctx in contexts for letter in "ABCD"]
+
+
+@pytest.mark.parametrize("make_pairs", [shared_contexts, no_shared_contexts, long_contexts, one_token_answers])
 def test_log_likelihoods_equal_hflm_in_fp32(make_pairs):
     model, tok = make_model(), make_tokenizer()
     hf, shared = backends(model, tok)
@@ -80,6 +85,23 @@ def test_log_likelihoods_equal_hflm_in_fp32(make_pairs):
         assert abs(ll_a - ll_b) < 1e-4 and greedy_a == greedy_b
     if make_pairs is shared_contexts:
         assert seen[0] < 0.7 * hf_tokens  # each context was run once, not once per choice (padding counted)
+
+
+def test_a_context_longer_than_a_row_still_runs_once_for_all_its_continuations(monkeypatch):
+    from selfdistill.evaluate import shared as shared_module
+
+    monkeypatch.setattr(shared_module, "ROW_TOKENS", 16)  # every context below is longer than a row
+    model, tok = make_model(), make_tokenizer()
+    hf, shared = backends(model, tok)
+    pairs = one_token_answers(random.Random(4)) + shared_contexts(random.Random(4))
+    want = hf.loglikelihood(instances(pairs), disable_tqdm=True)
+    seen = fed_tokens(model)
+    got = shared.loglikelihood(instances(pairs), disable_tqdm=True)
+    assert max(abs(a[0] - b[0]) for a, b in zip(want, got, strict=True)) < 1e-4
+    once = sum(len(tok(c)["input_ids"]) for c in {c for c, _ in pairs})
+    fed = sum(len(tok(k)["input_ids"]) - 1 for _, k in pairs)
+    # The decoder's positions, padding included: each context once (once per choice would be over 3x).
+    assert seen[0] < 1.5 * (once + fed)
 
 
 def test_greedy_flag_is_true_for_the_models_own_continuation():

@@ -29,8 +29,10 @@ from selfdistill.errors import UserError
 # Left out on purpose: gemma2/gemma3 (logit soft-capping, sliding windows), cohere (logit_scale),
 # granite (logits_scaling); they run with `--backend hf`.
 # A packed row's attention costs row length squared; past ~2k tokens it outweighs the linear layers of a
-# small model, so a context with very many continuations is split over rows (each still run once per row).
+# small model, so a context with very many continuations is split over rows (each still run once per row)
+# unless the context itself is that long (`pack_rows`).
 ROW_TOKENS = 2048
+FILL = 0.75  # a batch's least share of real (not padding) tokens
 SERVABLE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "phi3", "olmo", "olmo2",
             "smollm3")
 
@@ -75,12 +77,17 @@ def context_groups(requests: list[tuple[Any, list[int], list[int]]],
 
 
 def pack_rows(groups: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]], max_tokens: int) -> list[Row]:
-    """Rows of at most `max_tokens` tokens (a context and one continuation always fit), longest first."""
+    """Rows of at most `max_tokens` tokens or twice their context, longest first (a context and one
+    continuation always fit).
+
+    Splitting a context's continuations over rows runs the context once more per extra row; that pays only
+    when the continuations outweigh it. A long context (few-shot MMLU: ~2k tokens, one-token answers)
+    therefore keeps all its continuations in one row however long the row is."""
     rows = []
     for context, continuations in groups.items():
-        row = Row(context, [])
+        row, budget = Row(context, []), max(max_tokens, 2 * len(context))
         for cont in sorted(continuations, key=len, reverse=True):
-            if row.continuations and len(row) + len(cont) - 1 > max_tokens:
+            if row.continuations and len(row) + len(cont) - 1 > budget:
                 rows.append(row)
                 row = Row(context, [])
             row.continuations.append(cont)
@@ -91,21 +98,28 @@ def pack_rows(groups: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]], m
 
 
 def batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
-    """Consecutive rows padded to at most the tokens of HFLM's batch of `batch_size` requests as long.
+    """Consecutive rows padded to at most the tokens of HFLM's batch of `batch_size` requests as long, and
+    at least `FILL` of each batch real tokens.
 
     HFLM pads `batch_size` requests to its longest; a row's longest request is its context plus its longest
     continuation, so the same budget holds every context once and covers about twice the requests. Fewer,
     fuller forwards matter on a busy CPU, where each of a forward's ~1,000 small ops costs a scheduling
     slice whatever its size; the memory stays below HFLM's (no full-vocabulary logits over every position).
+    Where row lengths spread widely (few-shot MMLU's contexts run from 300 to 2,300 tokens) the fill floor
+    keeps short rows out of a long row's batch, where they would be padded to its width.
     """
     out: list[list[Row]] = []
+    real = 0  # the last batch's tokens without padding
     for row in rows:  # longest first: a batch's first row sets its padded width
         if out:
             width, budget = len(out[-1][0]), batch_size * _longest_request(out[-1][0])
-            if (len(out[-1]) + 1) * width <= budget:
+            padded = (len(out[-1]) + 1) * width
+            if padded <= budget and real + len(row) >= FILL * padded:
                 out[-1].append(row)
+                real += len(row)
                 continue
         out.append([row])
+        real = len(row)
     return out
 
 
@@ -161,6 +175,11 @@ def scored_positions(rows: list[Row]) -> tuple[list[int], list[int], list[tuple[
     return batch_idx, pos_idx, targets
 
 
+def _crosses(rows: list[Row]) -> bool:
+    """Whether some row feeds tokens of more than one continuation (which must not see each other)."""
+    return any(sum(len(c) > 1 for c in row.continuations) > 1 for row in rows)
+
+
 @register_model("selfdistill-shared")
 class SharedContextLM(HFLM):
     """HFLM that runs each distinct context once per batch of its continuations (see the module doc)."""
@@ -207,7 +226,12 @@ class SharedContextLM(HFLM):
         """(log-likelihood, is greedy) of every continuation of every row, from one forward pass."""
         model = self.model
         inputs = packed_inputs(rows, self.tokenizer.pad_token_id or 0, self.device)
-        mask = attention_mask(inputs.pop("segments"), self.mixed_precision_dtype or model.dtype)
+        segments = inputs.pop("segments")
+        # Plain causal attention is exact while no row feeds tokens of two continuations (e.g. MMLU's one-token
+        # answers feed none), and the padding lies after every real token. The model then attends without a
+        # mask, so the attention kernel skips the future instead of reading a dense mask: on rows of ~1-2k
+        # tokens (few-shot MMLU) that is most of a forward's attention (docs/evaluate.md).
+        mask = attention_mask(segments, self.mixed_precision_dtype or model.dtype) if _crosses(rows) else None
         batch_idx, pos_idx, targets = scored_positions(rows)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
