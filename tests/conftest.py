@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from finetune_data import distill_rows, write_jsonl  # noqa: E402
 from tiny import save_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,3 +40,20 @@ def real_model_dir() -> Path:
     from selfdistill.models import DEFAULT_MODEL, resolve_model
 
     return Path(resolve_model(DEFAULT_MODEL))
+
+
+@pytest.fixture()
+def distilled(tmp_path) -> Path:
+    """Eight distilled rows (rewrites used) in a JSONL file, as the distill stage writes them."""
+    return write_jsonl(tmp_path / "distilled.jsonl", distill_rows())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core box threads make them 10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

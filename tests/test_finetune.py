@@ -20,33 +20,11 @@ from selfdistill.finetune.kd import forward_kl, jsd
 from selfdistill.finetune.run import prepare
 from selfdistill.rundir import read_manifest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from finetune_data import cfg, distill_rows, write_jsonl  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def distill_rows(n: int = 8) -> list[dict]:
-    rows = []
-    for i in range(n):
-        rows.append({"id": f"r{i}", "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}],
-                     "original": f"{2 * i}", "rewrite": f"{i} plus {i} makes {2 * i}.",
-                     "used": "rewrite", "response": f"{i} plus {i} makes {2 * i}."})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture()
-def distilled(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "distilled.jsonl", distill_rows())
-
-
-def cfg(model: Path, data: Path, out: Path, **kw) -> FinetuneConfig:
-    base = dict(model=str(model), data=str(data), out=str(out), dtype="float32", batch_size=4, grad_accum=1,
-                max_steps=2, learning_rate=1e-2, save_steps=50, seed=0)
-    return FinetuneConfig(**{**base, **kw})
 
 
 def log_lines(out: Path) -> list[dict]:

@@ -11,22 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from selfdistill.errors import UserError
-from selfdistill.finetune import FinetuneConfig, finetune
+from selfdistill.finetune import finetune
 from selfdistill.finetune.run import prepare
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_finetune import distill_rows, write_jsonl  # noqa: E402
-
-
-@pytest.fixture()
-def distilled(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "distilled.jsonl", distill_rows())
-
-
-def cfg(model: Path, data: Path, out: Path, **kw) -> FinetuneConfig:
-    base = dict(model=str(model), data=str(data), out=str(out), dtype="float32", batch_size=4, grad_accum=1,
-                max_steps=2, learning_rate=1e-2, save_steps=50, seed=0)
-    return FinetuneConfig(**{**base, **kw})
+from finetune_data import cfg, distill_rows, write_jsonl  # noqa: E402
 
 
 def test_partial_trains_only_the_chosen_layers(tiny_model_dir, distilled, tmp_path):
