@@ -109,17 +109,15 @@ def batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
     keeps short rows out of a long row's batch, where they would be padded to its width.
     """
     out: list[list[Row]] = []
-    real = 0  # the last batch's tokens without padding
     for row in rows:  # longest first: a batch's first row sets its padded width
         if out:
-            width, budget = len(out[-1][0]), batch_size * _longest_request(out[-1][0])
-            padded = (len(out[-1]) + 1) * width
-            if padded <= budget and real + len(row) >= FILL * padded:
-                out[-1].append(row)
-                real += len(row)
+            last = out[-1]
+            padded = (len(last) + 1) * len(last[0])
+            real = sum(map(len, last)) + len(row)
+            if padded <= batch_size * _longest_request(last[0]) and real >= FILL * padded:
+                last.append(row)
                 continue
         out.append([row])
-        real = len(row)
     return out
 
 
