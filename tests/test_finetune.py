@@ -190,8 +190,16 @@ def test_cli_error_is_one_line(tiny_model_dir, tmp_path):
     assert "bad.jsonl:1" in proc.stderr and not (tmp_path / "out").exists()
 
 
+def _answer_tokens(model_dir, rows) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return sum(len(tok(r["response"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]) for r in rows)
+
+
 def test_resume_after_kill(tiny_model_dir, distilled, tmp_path):
-    """SIGKILL a run after its first checkpoint; --resume continues from that step, not from 0."""
+    """SIGKILL a run after its first checkpoint; --resume continues from that step, not from 0, and reports
+    the whole run's answer tokens, not only the resumed part's."""
     out = tmp_path / "out"
     args = [sys.executable, "-m", "selfdistill", "finetune", "--model", str(tiny_model_dir), "--data",
             str(distilled), "--out", str(out), "--dtype", "float32", "--batch-size", "2", "--grad-accum", "1",
@@ -211,11 +219,13 @@ def test_resume_after_kill(tiny_model_dir, distilled, tmp_path):
     steps = [e["step"] for e in log_lines(out) if "loss" in e]
     assert result["steps"] == 8 and steps == list(range(1, 9)), steps  # no step trained twice
     assert ckpts[-1] >= 2 and read_manifest(out) is not None
+    assert result["resumed_from_step"] == ckpts[-1]
+    # 8 steps x 2 rows = the 8 rows twice, whichever step the kill came after
+    assert result["answer_tokens"] == 2 * _answer_tokens(tiny_model_dir, distill_rows())
+    assert read_manifest(out)["result"]["answer_tokens"] == result["answer_tokens"]
 
 
 def test_two_processes_gloo(tiny_model_dir, distilled, tmp_path):
-    from transformers import AutoTokenizer
-
     out = tmp_path / "ddp"
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "selfdistill", "finetune",
@@ -227,10 +237,7 @@ def test_two_processes_gloo(tiny_model_dir, distilled, tmp_path):
     assert read_manifest(out) is not None and len(log_lines(out)) >= 2
     summary, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index('{\n  "out"'):])  # per rank
     # 2 ranks x batch 2 x 2 steps = all 8 rows once: the token count is gathered from both processes
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    expected = sum(len(tok(r["response"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"])
-                   for r in distill_rows())
-    assert summary["steps"] == 2 and summary["answer_tokens"] == expected
+    assert summary["steps"] == 2 and summary["answer_tokens"] == _answer_tokens(tiny_model_dir, distill_rows())
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from selfdistill.config import dump_yaml, to_dict
 from selfdistill.console import progress
 from selfdistill.errors import UserError
 from selfdistill.finetune import FinetuneConfig, checkpoint_dir, recognize_checkpoints, shaping_settings
-from selfdistill.finetune.checkpoints import LOG_NAME, prepare_checkpoints
+from selfdistill.finetune.checkpoints import LOG_NAME, RunTotals, prepare_checkpoints, totals_at
 from selfdistill.finetune.data import TrainData, load_train_data
 from selfdistill.finetune.kdcache import open_cache
 from selfdistill.finetune.partial import freeze_for_partial, saved_model
@@ -104,6 +104,7 @@ class Prepared:
     data: TrainData
     dtype: str
     resume_from: str | None
+    totals: RunTotals
 
 
 def prepare(cfg: FinetuneConfig, fresh: bool = False) -> Prepared:
@@ -142,7 +143,9 @@ def prepare(cfg: FinetuneConfig, fresh: bool = False) -> Prepared:
     # keep the bar, send the numbers to train_log.jsonl only.
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_QuietProgress)
-    return Prepared(trainer, tok, data, dtype, resume_from)
+    totals = RunTotals(lambda: _sum_over_processes(trainer, trainer.answer_tokens), totals_at(resume_from))
+    trainer.add_callback(totals)
+    return Prepared(trainer, tok, data, dtype, resume_from, totals)
 
 
 class _QuietProgress(ProgressCallback):
@@ -175,15 +178,15 @@ def _train_claimed(cfg: FinetuneConfig, ckpt_claim: Any, started: float) -> dict
     trainer = p.trainer
     trainer.accelerator.wait_for_everyone()  # every rank decided what to resume before rank 0 records
     ckpt_claim.commit()  # OUT itself needs no record: it appears whole, with a manifest naming finetune
-    t0 = time.time()
     result = trainer.train(resume_from_checkpoint=p.resume_from)
-    train_s = time.time() - t0
-    tokens = _sum_over_processes(trainer, trainer.answer_tokens)
+    totals = p.totals.now()  # the whole run's, across resumes
+    tokens, train_s = totals["answer_tokens"], totals["train_s"]
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary = {"out": str(cfg.out), "arm": cfg.responses, "rows": len(trainer.train_dataset),
                "steps": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
                "train_loss": round(result.training_loss, 4), "answer_tokens": tokens,
-               "tokens_per_s": round(tokens / train_s, 1), "train_s": round(train_s, 1)}
+               "tokens_per_s": round(tokens / max(train_s, 1e-9), 1), "train_s": train_s,
+               "resumed_from_step": _step_of(p.resume_from)}
     staged = checkpoint_dir(cfg.out) / "final"
     gather_weights(cfg, trainer, staged)
     if trainer.accelerator.is_main_process:
@@ -193,6 +196,10 @@ def _train_claimed(cfg: FinetuneConfig, ckpt_claim: Any, started: float) -> dict
     trainer.accelerator.wait_for_everyone()
     summary["wall_s"] = round(time.time() - started, 1)
     return summary
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else None
 
 
 def _sum_over_processes(trainer: Any, value: int) -> int:
