@@ -19,6 +19,7 @@ from selfdistill.config import opt
 from selfdistill.errors import UserError
 from selfdistill.evaluate.outputs import distinct_pairs
 from selfdistill.guard import claim_output
+from selfdistill.report_curves import size_blocks
 from selfdistill.report_measures import Block, drift_blocks, first_drift_set, pruning_check_blocks
 from selfdistill.report_plots import cost_plot, retention_plot
 from selfdistill.rundir import atomic_write_text, read_manifest
@@ -250,7 +251,8 @@ def _report(run: Path, out: Path) -> dict[str, Any]:
             f"chance (left out of 'retention (signal)'). Evaluation: preset {settings.get('preset', '?')}, "
             f"harness {settings.get('harness', '?')}, "
             f"{settings.get('subset', '')}."))]
-        blocks += _plots(run, out, scores) + _comparison_blocks(scores) + drift_blocks(run)
+        blocks += _plots(run, out, scores) + size_blocks(run, out, scores, stage_dir(run, "prune").name)
+        blocks += _comparison_blocks(scores) + drift_blocks(run)
     # Cost and drafts do not need the evaluation: they show as soon as their stages have run.
     blocks += _cost_blocks(run) + _speculate_blocks(run) + _stage_times(run)
     if config:

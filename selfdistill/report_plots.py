@@ -13,7 +13,7 @@ from typing import Any
 from selfdistill.rundir import atomic_path
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a CPU box or a CI runner
@@ -22,7 +22,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
+def save_figure(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
     ax.set_title(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -51,7 +51,7 @@ def retention_points(scores: dict[str, Any], label: Any) -> list[tuple[str, floa
     return out
 
 
-def _error_bars(points: list[tuple[str, float, list[float] | None]]) -> list[list[float]]:
+def error_bars(points: list[tuple[str, float, list[float] | None]]) -> list[list[float]]:
     """Matplotlib's [below, above] distances from each value to its interval's ends (0 without one)."""
     return [[v - ci[0] if ci else 0.0 for _, v, ci in points], [ci[1] - v if ci else 0.0 for _, v, ci in points]]
 
@@ -61,11 +61,11 @@ def retention_plot(scores: dict[str, Any], out: Path, label: Any) -> Path | None
     points = retention_points(scores, label)
     if not points:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     _, title = retention_key(scores)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(points) + 2), 3.2))
     xs = range(len(points))
-    ax.bar(xs, [v for _, v, _ in points], 0.6, color="#4c72b0", yerr=_error_bars(points), capsize=4,
+    ax.bar(xs, [v for _, v, _ in points], 0.6, color="#4c72b0", yerr=error_bars(points), capsize=4,
            error_kw={"elinewidth": 1, "ecolor": "#333333"})
     ax.axhline(100, color="grey", linewidth=0.8, linestyle="--", label="parent")
     ax.set_xticks(list(xs))
@@ -74,7 +74,7 @@ def retention_plot(scores: dict[str, Any], out: Path, label: Any) -> Path | None
     ax.set_ylabel("% of parent (95 % interval)")
     ax.set_ylim(0, max(105, max((ci[1] if ci else v) for _, v, ci in points) + 5))
     ax.legend(fontsize=8, loc="lower right")
-    return _save(plt, fig, ax, title.capitalize() + " per child", out)
+    return save_figure(plt, fig, ax, title.capitalize() + " per child", out)
 
 
 def cost_plot(scores: dict[str, Any], parent_flops: float | None, child_flops: float | None, out: Path,
@@ -86,17 +86,17 @@ def cost_plot(scores: dict[str, Any], parent_flops: float | None, child_flops: f
     points = retention_points(scores, label)
     if not points or not parent_flops or not child_flops:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.scatter([parent_flops], [100], marker="*", s=120, color="black", zorder=3)
     ax.annotate("parent", (parent_flops, 100), textcoords="offset points", xytext=(5, 4), fontsize=8)
     step = 0.01 * parent_flops
     for i, (name, value, ci) in enumerate(points):
         x = child_flops + (i - (len(points) - 1) / 2) * step
-        ax.errorbar([x], [value], yerr=_error_bars([(name, value, ci)]), fmt="o", capsize=3, markersize=4)
+        ax.errorbar([x], [value], yerr=error_bars([(name, value, ci)]), fmt="o", capsize=3, markersize=4)
         ax.annotate(name, (x, value), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.axhline(100, color="grey", linewidth=0.6, linestyle="--")
     ax.margins(x=0.12)  # room for the labels at both ends
     ax.set_xlabel("GFLOPs per token (2 × parameters)")
     ax.set_ylabel("retention, % of parent")
-    return _save(plt, fig, ax, "Retention vs cost", out)
+    return save_figure(plt, fig, ax, "Retention vs cost", out)

@@ -53,3 +53,37 @@ def test_retention_plot_draws_one_bar_per_child_with_its_interval(tmp_path: Path
     assert cost_plot(_scores([]), 0.27, 0.23, tmp_path / "cost.png", label).is_file()
     assert cost_plot(_scores([]), None, 0.23, tmp_path / "none.png", label) is None  # no parent reference
     assert retention_plot({"models": {}, "baseline": "parent"}, tmp_path / "empty.png", label) is None
+
+
+def _study_run(tmp_path: Path) -> tuple[Path, dict]:
+    """A run directory as the pipeline leaves it: config.yaml's arms, each arm's result.json, the scores."""
+    import json
+
+    import yaml
+
+    arms = ["sft", "sdd", {"name": "sdd-kd", "kd_weight": 0.5},
+            {"name": "sft-50", "responses": "original", "rows": 50}, {"name": "sdd-50", "rows": 50},
+            {"name": "sdd-self", "data": ["gsm8k", "gsm8k-self"]}]
+    datasets = [{"name": "gsm8k"}, {"name": "gsm8k-self", "train_by_default": False}]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"datasets": datasets, "arms": arms, "kd_weight": 0.5}))
+    rows = {"sft": 900, "sdd": 900, "sdd-kd": 900, "sft-50": 100, "sdd-50": 100, "sdd-self": 900}
+    models = {"parent": {"retention": 100.0}, "runs/x/pruned": {"retention": 70.0, "retention_ci95": [66.0, 74.0]}}
+    for i, (name, n) in enumerate(rows.items()):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps({"rows": n}))
+        models[f"runs/x/{name}"] = {"retention": 75.0 + i, "retention_ci95": [72.0 + i, 78.0 + i]}
+    return tmp_path, {"models": models, "baseline": "parent"}
+
+
+def test_the_data_size_curve_joins_arms_that_differ_only_in_rows(tmp_path: Path):
+    from selfdistill.report_curves import size_blocks, size_curves
+
+    run, scores = _study_run(tmp_path)
+    # sdd-kd (KD) and sdd-self (other data) differ in more than rows: they are on no curve
+    assert size_curves(run, scores) == {"sft": [(100, 78.0, [75.0, 81.0]), (900, 75.0, [72.0, 78.0])],
+                                        "sdd": [(100, 79.0, [76.0, 82.0]), (900, 76.0, [73.0, 79.0])]}
+    blocks = size_blocks(run, run, scores, "pruned")
+    assert blocks[2][2][0] == ["sft", "100", "78.0", "75.0 … 81.0"]
+    assert blocks[-1][0] == "img" and (run / "retention_vs_rows.png").read_bytes()[:4] == b"\x89PNG"
+    del scores["models"]["runs/x/sdd-50"], scores["models"]["runs/x/sft-50"]  # not evaluated yet: no curve
+    assert size_curves(run, scores) == {} and size_blocks(run, run, scores, "pruned") == []
