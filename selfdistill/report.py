@@ -251,7 +251,7 @@ def _report(run: Path, out: Path) -> dict[str, Any]:
             f"chance (left out of 'retention (signal)'). Evaluation: preset {settings.get('preset', '?')}, "
             f"harness {settings.get('harness', '?')}, "
             f"{settings.get('subset', '')}."))]
-        blocks += _plots(run, out, scores) + size_blocks(run, out, scores, stage_dir(run, "prune").name)
+        blocks += _plots(run, out, scores) + size_blocks(run, out, scores, stage_dir(run, "prune").name, _label)
         blocks += _comparison_blocks(scores) + drift_blocks(run)
     # Cost and drafts do not need the evaluation: they show as soon as their stages have run.
     blocks += _cost_blocks(run) + _speculate_blocks(run) + _stage_times(run)

@@ -16,13 +16,13 @@ from typing import Any
 import yaml
 
 from selfdistill.arms import resolve_arms
-from selfdistill.report_plots import error_bars, pyplot, retention_key, save_figure
+from selfdistill.report_plots import error_bars, pyplot, retention_points, save_figure
 from selfdistill.tables import fmt, interval
 
 Point = tuple[int, float, list[float] | None]  # rows trained on, retention, its 95 % interval
 
 
-def size_curves(run: Path, scores: dict[str, Any]) -> dict[str, list[Point]]:
+def size_curves(run: Path, scores: dict[str, Any], label: Any) -> dict[str, list[Point]]:
     """{curve label: points sorted by rows}, only curves with two or more distinct row counts."""
     config = run / "config.yaml"
     if not config.is_file():
@@ -34,17 +34,15 @@ def size_curves(run: Path, scores: dict[str, Any]) -> dict[str, list[Point]]:
         arms = resolve_arms(cfg.get("arms", []), float(cfg.get("kd_weight", 0.0)), names, defaults)
     except ValueError:
         return {}  # a config the pipeline would refuse has no arms to draw
-    key, _ = retention_key(scores)
-    by_label = {Path(str(n).rstrip("/")).name: m for n, m in scores.get("models", {}).items()}
+    retention = {name: (value, ci) for name, value, ci in retention_points(scores, label)}
     groups: dict[str, list[tuple[str, Point]]] = {}
     for arm in arms:
-        result, model = run / arm.name / "result.json", by_label.get(arm.name, {})
-        if not result.is_file() or model.get(key) is None:
+        result = run / arm.name / "result.json"
+        if not result.is_file() or arm.name not in retention:
             continue
         rows = int(json.loads(result.read_text(encoding="utf-8"))["rows"])
-        ci = model.get(f"{key}_ci95")
         same = json.dumps([arm.responses, arm.data, arm.kd_weight, arm.finetune], sort_keys=True)
-        groups.setdefault(same, []).append((arm.name, (rows, float(model[key]), ci if ci and None not in ci else None)))
+        groups.setdefault(same, []).append((arm.name, (rows, *retention[arm.name])))
     curves = {}
     for members in groups.values():
         if len({p[0] for _, p in members}) < 2:
@@ -74,13 +72,12 @@ def size_plot(curves: dict[str, list[Point]], out: Path, unhealed: float | None)
     return save_figure(plt, fig, ax, "Retention vs training rows", out)
 
 
-def size_blocks(run: Path, out: Path, scores: dict[str, Any], pruned: str) -> list[Any]:
+def size_blocks(run: Path, out: Path, scores: dict[str, Any], pruned: str, label: Any) -> list[Any]:
     """The curve as a table and its plot; `pruned` is the unhealed child's label, drawn as the floor."""
-    curves = size_curves(run, scores)
+    curves = size_curves(run, scores, label)
     if not curves:
         return []
-    key, _ = retention_key(scores)
-    floor = next((m.get(key) for n, m in scores.get("models", {}).items() if Path(str(n)).name == pruned), None)
+    floor = next((value for name, value, _ in retention_points(scores, label) if name == pruned), None)
     rows = [[name, f"{r:,}", fmt(v), interval(ci, 1)] for name, points in curves.items() for r, v, ci in points]
     blocks: list[Any] = [("h2", "Data-size curve"), ("p", "Arms that differ only in the number of training rows, "
                           "named after their largest arm; retention with its paired-bootstrap 95 % interval."),

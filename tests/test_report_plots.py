@@ -55,6 +55,10 @@ def test_retention_plot_draws_one_bar_per_child_with_its_interval(tmp_path: Path
     assert retention_plot({"models": {}, "baseline": "parent"}, tmp_path / "empty.png", label) is None
 
 
+def _name(model: str) -> str:
+    return Path(model).name
+
+
 def _study_run(tmp_path: Path) -> tuple[Path, dict]:
     """A run directory as the pipeline leaves it: config.yaml's arms, each arm's result.json, the scores."""
     import json
@@ -80,10 +84,10 @@ def test_the_data_size_curve_joins_arms_that_differ_only_in_rows(tmp_path: Path)
 
     run, scores = _study_run(tmp_path)
     # sdd-kd (KD) and sdd-self (other data) differ in more than rows: they are on no curve
-    assert size_curves(run, scores) == {"sft": [(100, 78.0, [75.0, 81.0]), (900, 75.0, [72.0, 78.0])],
+    assert size_curves(run, scores, _name) == {"sft": [(100, 78.0, [75.0, 81.0]), (900, 75.0, [72.0, 78.0])],
                                         "sdd": [(100, 79.0, [76.0, 82.0]), (900, 76.0, [73.0, 79.0])]}
-    blocks = size_blocks(run, run, scores, "pruned")
+    blocks = size_blocks(run, run, scores, "pruned", _name)
     assert blocks[2][2][0] == ["sft", "100", "78.0", "75.0 … 81.0"]
     assert blocks[-1][0] == "img" and (run / "retention_vs_rows.png").read_bytes()[:4] == b"\x89PNG"
     del scores["models"]["runs/x/sdd-50"], scores["models"]["runs/x/sft-50"]  # not evaluated yet: no curve
-    assert size_curves(run, scores) == {} and size_blocks(run, run, scores, "pruned") == []
+    assert size_curves(run, scores, _name) == {} and size_blocks(run, run, scores, "pruned", _name) == []

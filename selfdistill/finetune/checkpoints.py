@@ -65,19 +65,19 @@ class RunTotals(TrainerCallback, ExportableState):
     def __init__(self, count_tokens: Callable[[], int], before: dict[str, float]) -> None:
         self.count_tokens, self.before = count_tokens, before
         self.totals = dict(before)
-        self.session_start = time.time()
+        self.started = time.time()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.session_start = time.time()
+        self.started = time.time()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if control.should_save:
             self.totals = self.now()
 
     def now(self) -> dict[str, float]:
-        """Totals as of this moment: the checkpoint's plus this session's (a collective under DDP)."""
+        """Totals as of this moment: the checkpoint's plus this process's since it started training (a collective under DDP)."""
         return {"answer_tokens": int(self.before["answer_tokens"] + self.count_tokens()),
-                "train_s": round(self.before["train_s"] + time.time() - self.session_start, 1)}
+                "train_s": round(self.before["train_s"] + time.time() - self.started, 1)}
 
     def state(self) -> dict[str, Any]:
         return {"args": {}, "attributes": {"totals": self.totals}}
