@@ -213,13 +213,15 @@ def test_resume_after_kill(tiny_model_dir, distilled, tmp_path):
     proc.wait()
     assert state.exists() and read_manifest(out) is None  # killed: nothing that looks complete
     ckpts = sorted(int(p.name.split("-")[1]) for p in checkpoint_dir(out).glob("checkpoint-*"))
+    # the kill may land mid-save, so the newest folder need not be complete: expect the newest finished one
+    complete = max(c for c in ckpts if (checkpoint_dir(out) / f"checkpoint-{c}" / "trainer_state.json").is_file())
     # a kill during a save leaves a half-written newer checkpoint; make sure there is one to skip
     (checkpoint_dir(out) / f"checkpoint-{ckpts[-1] + 2}").mkdir()
     result = finetune(cfg(tiny_model_dir, distilled, out, batch_size=2, max_steps=8, save_steps=2, resume=True))
     steps = [e["step"] for e in log_lines(out) if "loss" in e]
     assert result["steps"] == 8 and steps == list(range(1, 9)), steps  # no step trained twice
     assert ckpts[-1] >= 2 and read_manifest(out) is not None
-    assert result["resumed_from_step"] == ckpts[-1]
+    assert result["resumed_from_step"] == complete
     # 8 steps x 2 rows = the 8 rows twice, whichever step the kill came after
     assert result["answer_tokens"] == 2 * _answer_tokens(tiny_model_dir, distill_rows())
     assert read_manifest(out)["result"]["answer_tokens"] == result["answer_tokens"]
