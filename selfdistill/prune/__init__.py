@@ -29,13 +29,16 @@ from selfdistill.models import (
     write_model,
 )
 from selfdistill.prune import calibration
-from selfdistill.prune.candidates import check_candidates
+from selfdistill.prune.candidates import cheapest_starts, check_candidates
 from selfdistill.prune.plot import plot_scores
+from selfdistill.prune.repair import contiguous_block, cut, repair_block
+from selfdistill.prune.replace import METHODS, WEIGHTINGS, RepairSettings
 from selfdistill.prune.scoring import SCORERS, LayerScores
-from selfdistill.prune.surgery import format_range, parse_range, remove_layers
+from selfdistill.prune.surgery import format_range, parse_range
 from selfdistill.rundir import atomic_dir, atomic_write_json, write_manifest
 
 log = logging.getLogger(__name__)
+SELECT_BY = ("score", "heldout_loss", "heldout_loss_all", "replaced_loss")
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,23 @@ class PruneConfig:
     batch_size: int = opt(8, "calibration batch size")
     heldout_samples: int = opt(32, "rows after the calibration sample on which the best blocks' loss is checked")
     candidates: int = opt(3, "how many of the best-scored blocks to check on the held-out rows (0: no check)")
-    select_by: str = opt("score", "score: remove the scorer's block (the paper); heldout_loss: the checked "
-                                  "candidate that raises held-out loss least")
+    select_by: str = opt("score", "score: remove the scorer's block (the paper); heldout_loss: of the checked "
+                                  "candidates, the one that raises held-out loss least; heldout_loss_all: the "
+                                  "same over every start; replaced_loss: of the `candidates` blocks cheapest by "
+                                  "held-out loss, the one whose repaired child loses least (needs replace)")
+    replace: str = opt("none", f"repair the cut: {', '.join(METHODS)} (see docs/pruning.md)")
+    replace_calibration: str | None = opt(None, "data the repair is fitted on (default: the calibration sample); "
+                                                "never rows an evaluation reports")
+    replace_recipe: str | None = opt(None, "recipe of replace_calibration; detected when omitted")
+    replace_samples: int | None = opt(None, "rows of replace_calibration to fit on (default: calibration_samples)")
+    replace_ridge: float = opt(1e-4, "linear/cosine: ridge, relative to the mean diagonal of X^T X")
+    replace_weighting: str = opt("inverse_norm", "inverse_norm: each token weighted by 1 / ||its target|| (a "
+                                                 "relative-error fit), or none (plain least squares)")
+    replace_exclude_first: int = opt(0, "leading positions of each row left out of the fit (the attention sink)")
+    replace_steps: int = opt(300, "cosine: Adam steps from the least-squares map")
+    replace_epochs: int = opt(8, "ffn: passes over the cached hidden states")
+    replace_lr: float | None = opt(None, "cosine/ffn learning rate (default: 1e-4 cosine, 1e-3 ffn)")
+    replace_max_tokens: int = opt(262_144, "cosine/ffn: calibration tokens cached (linear uses every token)")
     dtype: str = opt("float32", "dtype for scoring and for the saved child")
     device: str = opt("auto", "cpu, cuda, or auto")
     split: str = opt("train", "split, for hub datasets")
@@ -74,10 +92,25 @@ class PruneConfig:
             raise ValueError("calibration_samples, max_length and batch_size must be positive")
         if self.heldout_samples < 0 or self.candidates < 0:
             raise ValueError("heldout_samples and candidates must be >= 0")
-        if self.select_by not in ("score", "heldout_loss"):
-            raise ValueError(f"select_by must be 'score' or 'heldout_loss', not '{self.select_by}'")
-        if self.select_by == "heldout_loss" and not (self.heldout_samples and self.candidates):
-            raise ValueError("select_by heldout_loss needs heldout_samples and candidates above 0")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, not '{self.select_by}'")
+        if self.select_by != "score" and not (self.heldout_samples and self.candidates):
+            raise ValueError(f"select_by {self.select_by} needs heldout_samples and candidates above 0")
+        if self.replace not in METHODS:
+            raise ValueError(f"unknown replace method '{self.replace}' (choose from {', '.join(METHODS)})")
+        if self.select_by == "replaced_loss" and self.replace == "none":
+            raise ValueError("select_by replaced_loss needs a replace method (linear, cosine or ffn)")
+        if self.replace_weighting not in WEIGHTINGS:
+            raise ValueError(f"replace_weighting must be one of {', '.join(WEIGHTINGS)}")
+        if self.replace_ridge < 0 or self.replace_exclude_first < 0 or (self.replace_samples or 1) <= 0 \
+                or self.replace_steps < 0 or self.replace_epochs < 1 or self.replace_max_tokens < 1:
+            raise ValueError("replace_ridge, replace_exclude_first and replace_steps must be >= 0; "
+                             "replace_samples, replace_epochs and replace_max_tokens >= 1")
+
+    def repair_settings(self) -> RepairSettings:
+        return RepairSettings(method=self.replace, ridge=self.replace_ridge, exclude_first=self.replace_exclude_first,
+                              weighting=self.replace_weighting, steps=self.replace_steps, epochs=self.replace_epochs,
+                              lr=self.replace_lr, max_tokens=self.replace_max_tokens, seed=self.seed)
 
 
 def calibration_rows(cfg: PruneConfig) -> tuple[list[Any], list[Any]]:
@@ -121,12 +154,19 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     if not cfg.out:
         raise UserError("give --out DIR for the pruned model")
     choose_block(cfg, total=sys.maxsize)  # what needs no model (n or START:END given, scorer has data) is checked now
+    if cfg.replace != "none" and not (cfg.calibration or cfg.replace_calibration):
+        raise UserError(f"replace {cfg.replace} is fitted on calibration rows: give --calibration or "
+                        f"--replace-calibration DATA")
+    if cfg.replace != "none" and cfg.scorer == "block_influence" and not cfg.layers:
+        raise UserError(f"replace {cfg.replace} stands in for one contiguous block, and the block_influence "
+                        f"scorer removes single layers: use --layers START:END or another scorer")
     with claim_output(cfg.out, "prune", folder=True, overwrite=cfg.overwrite):
         return _prune(cfg, started)
 
 
 def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
     rows = calibration_rows(cfg) if cfg.calibration else None
+    own = replace_rows(cfg)  # a bad repair calibration file is named before the model loads
     device = resolve_device(cfg.device)
     model, tok = load_model(cfg.model, cfg.dtype, device, allow_pickle=cfg.allow_pickle,
                             trust_remote_code=cfg.trust_remote_code)
@@ -137,17 +177,26 @@ def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
     if data is not None:
         scores = SCORERS[cfg.scorer](model, data.batches, n)
     removed = explicit if explicit is not None else scores.removed
-    check = check_candidates(model, scores, removed, data.heldout, cfg.candidates) if data else None
-    if explicit is None and cfg.select_by == "heldout_loss" and check:
+    every = cfg.select_by in ("heldout_loss_all", "replaced_loss") and explicit is None
+    check = check_candidates(model, scores, removed, data.heldout, None if every else cfg.candidates) \
+        if data else None
+    if explicit is None and cfg.select_by in ("heldout_loss", "heldout_loss_all") and check:
         removed = list(range(check["best_start"], check["best_start"] + n))
+    repair, replacement = None, None
+    if cfg.replace != "none":
+        repair, removed, replacement = _repair(cfg, model, tok, device, (data, rows, own), removed, check,
+                                               explicit)
     before = count_parameters(model)
-    remove_layers(model, removed)
+    cut(model, removed, repair)
     model.config.pruned_from = str(cfg.model)
     after = count_parameters(model)
     report = _report(cfg, total, n, removed, scores, before, after, data, check)
+    report["replacement"] = replacement
     card = {"title": f"{Path(str(cfg.model)).name} pruned to {total - n} layers", "pruned_from": str(cfg.model),
             "removed_layers": format_range(removed), "scorer": cfg.scorer if scores else "explicit range",
             "calibration": cfg.calibration, "parameters": f"{before['total']:,} -> {after['total']:,}"}
+    if replacement is not None:
+        card["repair"] = f"{cfg.replace} ({'applied' if repair is not None else 'not applied: it raised held-out loss'})"
     with atomic_dir(cfg.out) as tmp:
         write_model(model, tok, tmp, card)
         atomic_write_json(tmp / "pruning.json", report)
@@ -163,7 +212,49 @@ def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
             "layers_before": total, "layers_after": total - n,
             "parameters_before": before["total"], "parameters_after": after["total"],
             "flops_reduction": report["flops_per_token"]["reduction"],
-            "warning": check["warning"] if check else None}
+            "warning": check["warning"] if check else None,
+            "replacement": None if replacement is None else {k: replacement[k] for k in (
+                "method", "applied", "heldout_loss_plain", "heldout_loss_replaced")}}
+
+
+def _repair(cfg: PruneConfig, model: Any, tok: Any, device: str, sources: tuple[Any, Any, Any], removed: list[int],
+            check: dict[str, Any] | None, explicit: list[int] | None) -> tuple[Any, list[int], dict[str, Any]]:
+    """Fit the repair (on the chosen block, or on each of the cheapest few under replaced_loss)."""
+    start, n = contiguous_block(removed, cfg.replace)
+    fit, heldout = repair_data(cfg, tok, device, *sources)
+    starts = [start]
+    if cfg.select_by == "replaced_loss" and explicit is None and check:
+        starts = cheapest_starts(check, cfg.candidates)
+    repair, start, record = repair_block(model, fit, heldout, starts, n, cfg.repair_settings(),
+                                         Path(cfg.out).expanduser().absolute().parent)
+    return repair, list(range(start, start + n)), record
+
+
+def repair_data(cfg: PruneConfig, tok: Any, device: str, data: calibration.Calibration | None,
+                rows: tuple[list[Any], list[Any]] | None,
+                own: tuple[list[Any], list[Any]] | None) -> tuple[list[Any], list[Any]]:
+    """The batches the repair is fitted on and the held-out batches it is checked on (never the same rows)."""
+    if own is None and data is not None and cfg.replace_samples is None:
+        return data.batches, data.heldout  # the calibration sample itself
+    sample, heldout = own if own is not None else rows
+    if own is not None and rows is not None:
+        heldout = rows[1]  # the rows prune keeps out, whichever data the fit reads
+    taken = {(e.instruction, e.reference) for e in heldout}
+    sample = [e for e in sample[:cfg.replace_samples] if (e.instruction, e.reference) not in taken]
+    built = calibration.build(sample, heldout, tok, chat_template=cfg.chat_template, max_length=cfg.max_length,
+                              batch_size=cfg.batch_size, device=device,
+                              source=str(cfg.replace_calibration or cfg.calibration))
+    return built.batches, built.heldout
+
+
+def replace_rows(cfg: PruneConfig) -> tuple[list[Any], list[Any]] | None:
+    """replace_calibration's fit sample and held-out rows (None: the repair reuses the calibration rows)."""
+    if cfg.replace == "none" or not cfg.replace_calibration:
+        return None
+    samples = cfg.replace_samples or cfg.calibration_samples
+    examples = load_examples(cfg.replace_calibration, cfg.replace_recipe, split=cfg.split, on_bad_row=cfg.on_bad_row,
+                             limit=None if cfg.shuffle else samples + cfg.heldout_samples)
+    return calibration.split_rows(examples, samples, cfg.heldout_samples, cfg.shuffle, cfg.seed)
 
 
 def _report(cfg: PruneConfig, total: int, n: int, removed: list[int], scores: LayerScores | None,
@@ -174,7 +265,7 @@ def _report(cfg: PruneConfig, total: int, n: int, removed: list[int], scores: La
         "model": str(cfg.model), "scorer": cfg.scorer if scores else None, "n": n,
         "layers_before": total, "layers_after": total - n, "removed_layers": removed,
         "removed_range": format_range(removed),
-        "chosen_by": "user" if cfg.layers else "heldout_loss" if cfg.select_by == "heldout_loss" else "scorer",
+        "chosen_by": "user" if cfg.layers else "scorer" if cfg.select_by == "score" else cfg.select_by,
         "parameters": {"before": before["total"], "after": after["total"],
                        "embedding": before["embedding"], "removed": before["total"] - after["total"]},
         "flops_per_token": {"counted_as": "2 x parameters, embeddings included (the paper's count)",

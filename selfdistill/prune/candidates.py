@@ -21,19 +21,20 @@ CLEAR_RATIO = 1.25
 CLEAR_NATS = 0.05
 
 
-def _starts(scores: LayerScores, removed: list[int], count: int) -> list[int]:
-    """The `count` best-scored start layers, plus the start of the removed block."""
+def _starts(scores: LayerScores, removed: list[int], count: int | None) -> list[int]:
+    """The `count` best-scored start layers (None: every start), plus the start of the removed block."""
     row = scores.per_start
     ranked = sorted((d, l) for l, d in enumerate(row) if d is not None)
-    starts = [l for _, l in ranked[:count]]
+    starts = [l for _, l in (ranked if count is None else ranked[:count])]
     return starts if removed[0] in starts else [*starts, removed[0]]
 
 
 def check_candidates(model: Any, scores: LayerScores | None, removed: list[int], heldout: list[Batch],
-                     count: int) -> dict[str, Any] | None:
-    """Held-out loss increase per candidate block; None when there is nothing to compare."""
+                     count: int | None) -> dict[str, Any] | None:
+    """Held-out loss increase per candidate block (count None: every start); None when there is nothing to
+    compare."""
     contiguous = removed == list(range(removed[0], removed[0] + len(removed)))
-    if scores is None or not heldout or count < 1 or not contiguous or scores.scorer == "block_influence":
+    if scores is None or not heldout or (count is not None and count < 1) or not contiguous or scores.scorer == "block_influence":
         return None
     n = len(removed)
     base = mean_loss(model, heldout)
@@ -57,3 +58,9 @@ def check_candidates(model: Any, scores: LayerScores | None, removed: list[int],
     rows = sum(int(b["input_ids"].shape[0]) for b in heldout)
     return {"rows": rows, "tokens": sum(int(b["attention_mask"].sum()) for b in heldout), "base_loss": base,
             "candidates": candidates, "best_start": best["start"], "warning": warning}
+
+
+def cheapest_starts(check: dict[str, Any], count: int) -> list[int]:
+    """The `count` checked blocks whose removal raises held-out loss least, cheapest first."""
+    ranked = sorted(check["candidates"], key=lambda c: c["heldout_loss_increase"])
+    return [c["start"] for c in ranked[:count]]
