@@ -51,6 +51,11 @@ class _Settings:
     drift_general: DatasetSpec | None = opt(None, "general-instruction prompts no arm trains on: drift outside "
                                                   "the training domain (e.g. AlpacaEval)")
     speculate_children: bool = opt(True, "measure every child as a speculative draft of the parent")
+    prune_variants: list[Any] = opt([], "more children cut from the parent beside the plain one: mappings of a "
+                                        "name and prune settings, e.g. {name: linear, replace: linear}; folder "
+                                        "pruned-NAME")
+    recover_from: str = opt("", "the cut the fine-tuning arms start from: '' (the plain one) or a prune "
+                                "variant's name")
     from_stage: str | None = opt(None, f"force a restart from this stage: {', '.join(NAMES)}")
 
     FLAG_ALIASES = {"from_stage": "--from"}
@@ -68,6 +73,7 @@ class _Settings:
                 stage_config(self, stage.name, **stage.fills)
         for d in self.datasets:
             stage_config(self, "distill", d.distill, **BY_NAME["distill"].fills)
+        self._check_variants()
         for arm in self.resolved_arms():
             stage_config(self, "finetune", arm.finetune, **BY_NAME["finetune"].fills)
         self._check_heldout()
@@ -80,6 +86,15 @@ class _Settings:
         if first.reserve and first.reserve < needed:
             raise ValueError(f"dataset '{first.name}': reserve {first.reserve} is fewer than the {needed} rows "
                              "drift_prompts / speculate.limit measure")
+
+    def _check_variants(self) -> None:
+        names = [v.get("name") if isinstance(v, dict) else None for v in self.prune_variants]
+        if not all(isinstance(n, str) and n.replace("-", "").isalnum() for n in names) or len(set(names)) < len(names):
+            raise ValueError("every prune variant is a mapping with a unique name of letters, digits and '-'")
+        for variant in self.prune_variants:
+            stage_config(self, "prune", _variant_settings(variant), **BY_NAME["prune"].fills)
+        if self.recover_from and self.recover_from not in names:
+            raise ValueError(f"recover_from '{self.recover_from}' is not a prune variant ({', '.join(names) or 'none'})")
 
     def section(self, name: str) -> dict[str, Any]:
         return getattr(self, name)
@@ -119,6 +134,7 @@ class _Steps:
     plan: Plan
     sources: dict[str, str]
     data_dir: Path | None
+    base: str = "pruned"  # the folder of the cut the arms fine-tune
 
     @property
     def root(self) -> Path:
@@ -155,13 +171,18 @@ def _method(s: _Steps) -> dict[str, str]:
     s.add("parent-eval", model=[cfg.parent], baseline="", out=stage_dir(s.root, "parent-eval"), **evaluation)
     # 2. Prune: score blocks on the first dataset's text, remove the most redundant one.
     children = {"pruned": _prune(s)}
-    # 3. Self-data distillation: the *unpruned* parent rewrites each dataset's answers, verified.
-    distilled = {d.name: _distill(s, d) for d in cfg.datasets}
+    for variant in cfg.prune_variants:  # other blocks or repairs of the cut, each a child of its own
+        children[f"pruned-{variant['name']}"] = _prune(s, variant)
+    s.base = f"pruned-{cfg.recover_from}" if cfg.recover_from else "pruned"
+    # 3. Self-data distillation: the *unpruned* parent rewrites each dataset's answers, verified (those an arm reads).
+    merging = cfg.merge_children and len(cfg.datasets) >= 2
+    needed = {n for arm in cfg.resolved_arms() for n in arm.data} | {d.name for d in cfg.datasets[:2] if merging}
+    distilled = {d.name: _distill(s, d) for d in cfg.datasets if d.name in needed}
     # 4. Recovery: one child per arm, all on the shared finetune section but for what the arm sets.
     for arm in cfg.resolved_arms():
         children[arm.name] = _finetune(s, arm, _training_file(s, arm, distilled), arm.data)
     # 5. Merge: one SDD child per dataset, SLERP-merged (the paper's merging of differently distilled children).
-    if cfg.merge_children and len(cfg.datasets) >= 2:
+    if merging:
         children["merged"] = _merge(s, distilled, evaluation)
     made = tuple(Path(p).name for p in children.values())
     # 6. Every child against the parent: retention, chance-corrected, paired bootstrap.
@@ -170,18 +191,26 @@ def _method(s: _Steps) -> dict[str, str]:
     # 7-8. How far each child moved from its parent, and how well it drafts for it, on rows no arm trained on.
     _measure(s, children, made)
     # 9. Cost: parameters, FLOPs and latency of the parent and of the pruned shape (every child shares it).
-    s.add("profile", model=[cfg.parent, children["pruned"]], out=stage_output(s.root, "profile"), after=("pruned",))
+    shapes = ["pruned", *(f"pruned-{v['name']}" for v in cfg.prune_variants if v.get("replace") == "ffn")]
+    s.add("profile", model=[cfg.parent, *(children[c] for c in shapes)], out=stage_output(s.root, "profile"),
+          after=tuple(shapes))
     # 10. One report over everything above.
     s.add("report", run_dir=str(s.root), after=tuple(s.plan.keys))
     return children
 
 
-def _prune(s: _Steps) -> str:
-    """The calibration text is the first dataset's, unless the prune section names other data."""
-    first, section, local = s.cfg.datasets[0], s.cfg.section("prune"), _local_sources(s)
-    return s.add("prune", model=s.cfg.parent, calibration=section.get("calibration") or s.sources[first.name],
-                 recipe=section.get("recipe") or first.recipe, seed=s.cfg.seed, out=stage_dir(s.root, "prune"),
-                 external=local)
+def _prune(s: _Steps, variant: dict[str, Any] | None = None) -> str:
+    """The calibration text is the first dataset's, unless the prune section (or the variant) names other data."""
+    first, local = s.cfg.datasets[0], _local_sources(s)
+    section = {**s.cfg.section("prune"), **_variant_settings(variant or {})}
+    folder = f"pruned-{variant['name']}" if variant else BY_NAME["prune"].folder
+    return s.add("prune", folder, _variant_settings(variant or {}), model=s.cfg.parent,
+                 calibration=section.get("calibration") or s.sources[first.name],
+                 recipe=section.get("recipe") or first.recipe, seed=s.cfg.seed, out=s.root / folder, external=local)
+
+
+def _variant_settings(variant: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in variant.items() if k != "name"}
 
 
 def _distill(s: _Steps, d: DatasetSpec) -> Path:
@@ -220,8 +249,8 @@ def _finetune(s: _Steps, arm: ArmSpec, data: tuple[Path, Any], datasets: list[st
         cache["kd_cache_dir"] = section.get("kd_cache_dir") or str(
             s.root / "kd-cache" / f"{path.stem}-{arm.responses}-k{k}-t{t:g}-{key}")
     folder = stage_dir(s.root, "finetune", f"{arm.name}{suffix}")
-    return s.add("finetune", folder.name, arm.finetune | cache, after=("pruned", *reads), prepare=prepare,
-                 model=stage_dir(s.root, "prune"), data=path, responses=arm.responses, seed=s.cfg.seed, out=folder,
+    return s.add("finetune", folder.name, arm.finetune | cache, after=(s.base, *reads), prepare=prepare,
+                 model=s.root / s.base, data=path, responses=arm.responses, seed=s.cfg.seed, out=folder,
                  resume=True, restart=True, **kd)  # restart: checkpoints of another key start over
 
 

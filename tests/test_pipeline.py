@@ -27,6 +27,7 @@ def _config(tmp_path: Path, parent: Path, data_dir: Path, **overrides) -> dict:
                           "recipe": "alpaca"},
         "arms": ["sft", "sdd"], "drift_prompts": 2, "drift_max_new_tokens": 4,
         "prune": {"num_layers": 2, "calibration_samples": 4, "max_length": 48},
+        "prune_variants": [{"name": "linear", "replace": "linear"}], "recover_from": "linear",
         "distill": {"batch_size": 4, "max_new_tokens": 8, "dtype": "float32"},
         "finetune": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 640, "dtype": "float32",
                      "save_steps": 1},
@@ -64,11 +65,16 @@ def finished_run(tmp_path_factory, tiny_model_dir, data_dir):
 def test_the_whole_loop_writes_every_stage_and_a_report(finished_run):
     tmp, _, result = finished_run
     run_dir = Path(result["run_dir"])
-    expected = {"parent-eval", "pruned", "distill-gsm8k", "sft", "sdd", "evaluate", "drift", "speculate", "profile",
-                "report"}
+    expected = {"parent-eval", "pruned", "pruned-linear", "distill-gsm8k", "sft", "sdd", "evaluate", "drift",
+                "speculate", "profile", "report"}
     assert expected <= set(_stage_keys(run_dir))
     scores = json.loads((run_dir / "evaluate" / "scores.json").read_text())
-    assert {Path(m).name for m in scores["models"]} >= {"pruned", "sft", "sdd"}
+    assert {Path(m).name for m in scores["models"]} >= {"pruned", "pruned-linear", "sft", "sdd"}
+    # the variant is a repaired cut of the same block, and the arms start from it (recover_from)
+    plain, linear = (json.loads((run_dir / f / "pruning.json").read_text()) for f in ("pruned", "pruned-linear"))
+    assert linear["replacement"]["method"] == "linear" and plain["replacement"] is None
+    assert linear["removed_layers"] == plain["removed_layers"]
+    assert json.loads((run_dir / "sft" / "manifest.json").read_text())["config"]["model"] == str(run_dir / "pruned-linear")
     html = (run_dir / "report" / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html
     md = (run_dir / "report" / "report.md").read_text()
@@ -114,6 +120,14 @@ def test_bad_config_is_rejected_before_any_stage(tmp_path, tiny_model_dir, data_
     assert not (tmp_path / "run").exists()
     assert main(["run", str(tmp_path / "c.yaml"), "finetune.lora_rank=4"]) == 2
     assert "unknown config key 'finetune.lora_rank'" in capsys.readouterr().err
+    data["datasets"][0]["local"] = str(tmp_path / "gsm8k_small.jsonl")
+    for key, value, message in (("recover_from", "cosine", "recover_from 'cosine' is not a prune variant"),
+                                ("prune_variants", [{"replace": "linear"}], "unique name"),
+                                ("prune_variants", [{"name": "x", "replace": "magic"}], "unknown replace method")):
+        (tmp_path / "c.yaml").write_text(json.dumps({**data, key: value}))
+        assert main(["run", str(tmp_path / "c.yaml")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
