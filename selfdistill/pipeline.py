@@ -51,6 +51,7 @@ class _Settings:
     drift_general: DatasetSpec | None = opt(None, "general-instruction prompts no arm trains on: drift outside "
                                                   "the training domain (e.g. AlpacaEval)")
     speculate_children: bool = opt(True, "measure every child as a speculative draft of the parent")
+    speculate_only: list[str] = opt([], "the children measured as drafts (default: every child)")
     prune_variants: list[Any] = opt([], "more children cut from the parent beside the plain one: mappings of a "
                                         "name and prune settings, e.g. {name: linear, replace: linear}; folder "
                                         "pruned-NAME")
@@ -95,6 +96,11 @@ class _Settings:
             stage_config(self, "prune", _variant_settings(variant), **BY_NAME["prune"].fills)
         if self.recover_from and self.recover_from not in names:
             raise ValueError(f"recover_from '{self.recover_from}' is not a prune variant ({', '.join(names) or 'none'})")
+        children = ["pruned", *(f"pruned-{n}" for n in names), *(a.name for a in self.resolved_arms()),
+                    *(["merged"] if self.merge_children and len(self.datasets) >= 2 else [])]
+        unknown = [c for c in self.speculate_only if c not in children]
+        if unknown:
+            raise ValueError(f"speculate_only: '{unknown[0]}' is not a child of this run ({', '.join(children)})")
 
     def section(self, name: str) -> dict[str, Any]:
         return getattr(self, name)
@@ -270,8 +276,9 @@ def _measure(s: _Steps, children: dict[str, str], made: tuple[str, ...]) -> None
     s.add("drift", parent=s.cfg.parent, children={Path(p).name: p for p in children.values()}, seed=s.cfg.seed,
           sets=[dataclasses.asdict(x) for x in sets], max_new_tokens=s.cfg.drift_max_new_tokens, after=made)
     if s.cfg.speculate_children:
-        rows = sets[0]
-        s.add("speculate", target=s.cfg.parent, draft=list(children.values()), prompts=rows.source,
+        rows, only = sets[0], s.cfg.speculate_only
+        drafts = [path for label, path in children.items() if not only or label in only]
+        s.add("speculate", target=s.cfg.parent, draft=drafts, prompts=rows.source,
               recipe=rows.recipe, offset=rows.offset, split=rows.split, subset=rows.subset,
               out=stage_output(s.root, "speculate"), after=made)
 

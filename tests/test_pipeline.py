@@ -123,7 +123,8 @@ def test_bad_config_is_rejected_before_any_stage(tmp_path, tiny_model_dir, data_
     data["datasets"][0]["local"] = str(tmp_path / "gsm8k_small.jsonl")
     for key, value, message in (("recover_from", "cosine", "recover_from 'cosine' is not a prune variant"),
                                 ("prune_variants", [{"replace": "linear"}], "unique name"),
-                                ("prune_variants", [{"name": "x", "replace": "magic"}], "unknown replace method")):
+                                ("prune_variants", [{"name": "x", "replace": "magic"}], "unknown replace method"),
+                                ("speculate_only", ["sdd-kd"], "'sdd-kd' is not a child of this run")):
         (tmp_path / "c.yaml").write_text(json.dumps({**data, key: value}))
         assert main(["run", str(tmp_path / "c.yaml")]) == 2
         assert message in capsys.readouterr().err
