@@ -11,6 +11,7 @@ import bz2
 import csv
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,9 @@ class Recipe:
 
 
 def _gsm8k_final(answer: str) -> str | None:
-    return answer.split("####")[-1].strip().replace(",", "") if "####" in answer else None
+    """The number on GSM8K's last '#### n' line; None when the answer has none (then nothing can verify it)."""
+    final = answer.split("####")[-1].strip().replace(",", "") if "####" in answer else ""
+    return final if re.fullmatch(r"-?\d*\.?\d+", final) else None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -191,10 +194,11 @@ def _example(row: dict[str, Any], where: str, index: int, recipe: Recipe, name: 
             row = recipe.convert(row)
         except (KeyError, TypeError) as e:
             raise UserError(f"{where}: missing field {e} (recipe {name})") from None
-    texts = {}
+    texts, keys = {}, {}
     for part in ("prompt", "response", "context", "final_answer"):
         names = getattr(recipe, part)
         key, value = _first_field(row, names)
+        keys[part] = key
         if key is None:
             if part in ("prompt", "response") and names:
                 raise UserError(f"{where}: missing field '{names[0]}' (recipe {name})")
@@ -212,6 +216,9 @@ def _example(row: dict[str, Any], where: str, index: int, recipe: Recipe, name: 
     final = texts.get("final_answer")
     if final is None and name == "gsm8k":
         final = _gsm8k_final(texts["response"])
+        if final is None:  # else the verifier would take any last number of the answer as its final answer
+            raise UserError(f"{where}: field '{keys['response']}' has no '#### <number>' final-answer line "
+                            "(recipe gsm8k)")
     row_id = row.get("id") or row.get("qID") or f"{name}-{index}"
     return Example(id=str(row_id), messages=messages, reference=texts["response"], final_answer=final,
                    kind=recipe.kind, source=where)
@@ -220,8 +227,10 @@ def _example(row: dict[str, Any], where: str, index: int, recipe: Recipe, name: 
 def load_examples(source: str | Path, recipe: str | None = None, *, fields: dict[str, str] | None = None,
                   limit: int | None = None, offset: int = 0, split: str = "train",
                   subset: str | None = None, on_bad_row: str = "fail",
-                  system_prompt: str | None = None) -> list[Example]:
-    """Read up to `limit` examples (after skipping `offset` good rows) from a file or hub dataset."""
+                  system_prompt: str | None = None, skipped: list[str] | None = None) -> list[Example]:
+    """Read up to `limit` examples (after skipping `offset` good rows) from a file or hub dataset.
+
+    With `on_bad_row="skip"`, the error of each bad row passed over is appended to `skipped` (when given)."""
     if on_bad_row not in ("fail", "skip"):
         raise UserError(f"on_bad_row must be 'fail' or 'skip', not '{on_bad_row}'")
     if recipe is not None and recipe not in RECIPES and recipe != "generic":
@@ -241,7 +250,7 @@ def load_examples(source: str | Path, recipe: str | None = None, *, fields: dict
         raise UserError("recipe 'generic' needs a field mapping (e.g. prompt=question,response=answer)")
     name = recipe or ""
     examples: list[Example] = []
-    skipped = good = 0
+    bad = good = 0
     for index, (where, row) in enumerate(rows):
         try:
             if isinstance(row, UserError):
@@ -253,7 +262,9 @@ def load_examples(source: str | Path, recipe: str | None = None, *, fields: dict
         except UserError as e:
             if on_bad_row == "fail":
                 raise
-            skipped += 1
+            bad += 1
+            if skipped is not None:
+                skipped.append(str(e))
             log.warning("skipping bad row: %s", e)
             continue
         good += 1
@@ -262,8 +273,8 @@ def load_examples(source: str | Path, recipe: str | None = None, *, fields: dict
         examples.append(example)
         if limit is not None and len(examples) >= limit:
             break
-    if skipped:
-        log.warning("skipped %d bad rows in %s", skipped, source)
+    if bad:
+        log.warning("skipped %d bad rows in %s", bad, source)
     if not examples:
         raise UserError(f"{source}: no usable rows")
     return examples

@@ -17,6 +17,7 @@ from typing import Any
 from selfdistill.config import opt
 from selfdistill.console import progress
 from selfdistill.engine.compat import attention_implementation
+from selfdistill.errors import UserError
 from selfdistill.models import DEFAULT_MODEL, cache_kwargs, count_parameters, paper_flops_per_token
 from selfdistill.rundir import atomic_write_json, atomic_write_text
 from selfdistill.tables import fmt, markdown_table
@@ -150,13 +151,81 @@ def _relative(rows: list[dict[str, Any]]) -> None:
             row["prefill_speedup"] = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
 
 
+def check_fits(cfg: ProfileConfig, sources: list[str]) -> None:
+    """Refuse a --seq-len the models cannot take (past max_position_embeddings) or the device cannot hold,
+    before anything loads: otherwise the answer is an allocation traceback from deep inside a forward."""
+    from selfdistill.models import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    width = 4 if resolve_dtype(cfg.dtype, device) == "float32" else 2
+    positions = cfg.seq_len + (cfg.decode_tokens if cfg.latency else 0)  # decode steps extend the prefill
+    weights = peak = 0
+    for name, source in zip(cfg.model, sources):
+        config = _text_config(source)
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit and positions > limit:
+            asked = f"--seq-len {cfg.seq_len}" + (f" + --decode-tokens {cfg.decode_tokens}" if cfg.latency else "")
+            raise UserError(f"{asked} = {positions} positions, more than {name} takes "
+                            f"(max_position_embeddings {limit})")
+        weights += _weight_bytes(source)  # every model stays loaded, so their weights add up
+        peak = max(peak, _forward_bytes(config, cfg, positions, width))  # the forwards run one at a time
+    free = _available_bytes(device)
+    if free is not None and weights + peak > free:
+        raise UserError(f"--seq-len {cfg.seq_len} needs about {(weights + peak) / 2**30:.1f} GiB on {device} "
+                        f"(weights, attention scores, KV cache, logits) but {free / 2**30:.1f} GiB are available; "
+                        "use a shorter --seq-len")
+
+
+def _text_config(source: str) -> Any:
+    """The model's (text) config, or None where it cannot be read here (the load then reports why)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError):
+        return None
+    return getattr(config, "text_config", None) or config
+
+
+def _weight_bytes(source: str) -> int:
+    return sum(p.stat().st_size for p in Path(source).glob("*.safetensors")) if Path(source).is_dir() else 0
+
+
+def _forward_bytes(config: Any, cfg: ProfileConfig, positions: int, width: int) -> int:
+    """About the largest memory one profiling forward holds at once, beyond the weights."""
+    if config is None:
+        return 0
+    seq, heads, hidden = cfg.seq_len, config.num_attention_heads, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    widest = max(config.vocab_size, getattr(config, "intermediate_size", None) or 4 * hidden)
+    per_position = seq * (widest + 4 * hidden) * width  # logits or the MLP's middle, plus the residual stream
+    flops = per_position + 2 * heads * seq * seq * width if cfg.executed_flops else 0  # eager: scores + softmax
+    kv = 2 * config.num_hidden_layers * kv_heads * head_dim * positions * width
+    latency = per_position + kv if cfg.latency else 0
+    return max(flops, latency)
+
+
+def _available_bytes(device: str) -> int | None:
+    """Memory free for the profile on `device`; None where it cannot be told."""
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
 def profile(cfg: ProfileConfig) -> dict[str, Any]:
     """Parameters, FLOPs per token (paper and executed) and latency of each model, all in one process."""
     from selfdistill.guard import claim_output
     from selfdistill.models import resolve_model
 
-    for name in cfg.model:
-        resolve_model(name)  # a missing model is named before the others load
+    sources = [resolve_model(name) for name in cfg.model]  # a missing model is named before the others load
+    check_fits(cfg, sources)
     if not cfg.out:
         return _profile(cfg)
     out = Path(cfg.out)

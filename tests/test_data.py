@@ -41,8 +41,10 @@ def test_text_rows_render_verbatim(tmp_path):
 
 @pytest.mark.parametrize(("content", "message"), [
     (b'{"question": "q?"}\n', "t.jsonl:1: missing field 'answer'"),
-    (b'{"question": "q", "answer": "a"}\n{"question": "q2", "answer": "  "}\n', "t.jsonl:2: field 'answer' is empty"),
-    (b'{"question": "q", "answer": "a"}\n\xff\n', "t.jsonl:2: line is not valid UTF-8"),
+    (b'{"question": "q", "answer": "a #### 1"}\n{"question": "q2", "answer": "  "}\n', "t.jsonl:2: field 'answer' is empty"),
+    (b'{"question": "q", "answer": "a #### 1"}\n\xff\n', "t.jsonl:2: line is not valid UTF-8"),
+    (b'{"question": "q", "answer": "a #### 1"}\n{"question": "q2", "answer": 42}\n',
+     "t.jsonl:2: field 'answer' has no '#### <number>' final-answer line"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "t.jsonl"
@@ -53,8 +55,12 @@ def test_bad_rows_name_file_and_line(tmp_path, content, message):
 
 def test_bad_rows_can_be_skipped(tmp_path):
     path = tmp_path / "t.jsonl"
-    path.write_bytes(b'{"question": "q", "answer": "a #### 1"}\n{"question": "x"}\n{"question": "z", "answer": "b"}\n')
-    assert [e.reference for e in load_examples(path, "gsm8k", on_bad_row="skip")] == ["a #### 1", "b"]
+    path.write_bytes(b'{"question": "q", "answer": "a #### 1"}\n{"question": "x"}\n{"question": "z", "answer": "b #### 2"}\n'
+                     b'{"question": "y", "answer": "#### two"}\n')
+    skipped: list[str] = []
+    examples = load_examples(path, "gsm8k", on_bad_row="skip", skipped=skipped)
+    assert [e.reference for e in examples] == ["a #### 1", "b #### 2"] and [e.final_answer for e in examples] == ["1", "2"]
+    assert [m.split(": ", 1)[0] for m in skipped] == [f"{path}:2", f"{path}:4"]
 
 
 def test_unknown_recipe_and_missing_dataset(tmp_path):

@@ -632,3 +632,81 @@ def test_real_parent_best_of_k_on_gsm8k_rows(real_model_dir, gsm8k_train, tmp_pa
     after = stats["kept_after_attempts"]
     assert after == sorted(after) and after[-1] == stats["rewrites_kept"]
     assert stats["prefilled_tokens"] > 0 and sum(stats["tokens_by_attempt"]) == stats["generated_tokens"]
+
+
+def _md5s(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    """Run the CLI in-process: exit 2, exactly one `selfdistill: error:` line, no traceback."""
+    from selfdistill.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("selfdistill: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_gsm8k_answer_without_its_final_answer_line_is_named_or_skipped_and_counted(tiny_model_dir, tmp_path,
+                                                                                     capsys):
+    """`"answer": 42` has no '#### n' line: the verifier would take "42" for the reference's final answer."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}, {"question": "What is 6 * 7?", "answer": 42},
+            {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}]
+    dataset = data / "gsm.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    before = _md5s(data)
+    out = tmp_path / "run" / "distilled.jsonl"
+    argv = ["distill", "--teacher", str(tiny_model_dir), "--dataset", str(dataset), "--recipe", "gsm8k",
+            "--max-new-tokens", "4", "--batch-size", "2", "--dtype", "float32", "--device", "cpu", "--out", str(out)]
+    message = _cli_error(capsys, argv)
+    assert f"{dataset}:2: field 'answer' has no '#### <number>' final-answer line" in message
+    assert _md5s(data) == before and not out.exists()
+    from selfdistill.cli import main
+
+    assert main([*argv, "--on-bad-row", "skip"]) == 0
+    stats = json.loads((out.parent / "stats.json").read_text())
+    assert [r["id"] for r in _lines(out)] == ["gsm8k-0", "gsm8k-2"]
+    assert stats["bad_rows_skipped"] == 1 and stats["rows"] == 2 and _md5s(data) == before
+
+
+def test_a_math_rewrite_ends_at_its_final_answer_line(tiny_model_dir, gsm8k_train, tmp_path, monkeypatch):
+    """A parent that goes on after '#### n' (a second derivation, a new question): the kept rewrite is cut at that
+    line, the verifier judges the cut text (the first '####', not a later one), and stats.json counts the cuts."""
+    from transformers import AutoTokenizer
+
+    from selfdistill.distill import BACKENDS
+    from selfdistill.engine import Result
+
+    sources = [json.loads(x) for x in gsm8k_train.read_text().splitlines()[:3]]
+    finals = [s["answer"].split("####")[-1].strip() for s in sources]
+    answers = {  # by the row's question: what the fake parent writes after the prefill
+        sources[0]["question"]: f"So it is {finals[0]}.\n#### {finals[0]}\nCheck: a second, wrong derivation gives 3.",
+        sources[1]["question"]: f"#### {finals[1]}\n\nQuestion: what is 2 + 2?\nAnswer: 4\n#### 4",
+        sources[2]["question"]: f"Done.\n#### {finals[2]}\n",
+    }
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def fake_parent(*args):
+        def generate(prompts, params, keys=None, counters=None):
+            for index, ids in prompts:
+                question = next(q for q in answers if q in tok.decode(ids))
+                yield Result(index, tok(answers[question], add_special_tokens=False)["input_ids"], "stop")
+        return tok, generate
+    monkeypatch.setitem(BACKENDS, "hf", fake_parent)
+    out = tmp_path / "d.jsonl"
+    stats = distill(_cfg(tiny_model_dir, gsm8k_train, out, limit=3, max_new_tokens=512))
+    rows = _lines(out)
+    assert [r["used"] for r in rows] == ["rewrite"] * 3, [r["reason"] for r in rows]
+    assert rows[0]["response"] == f"{MATH_PREFILL}So it is {finals[0]}.\n#### {finals[0]}"
+    assert rows[1]["response"] == f"{MATH_PREFILL}#### {finals[1]}"
+    assert rows[2]["response"] == f"{MATH_PREFILL}Done.\n#### {finals[2]}"
+    assert [r["attempt_cut"] for r in rows] == [[True], [True], [False]]
+    assert stats["cut_at_final_answer"] == {"attempts": 2, "kept": 2}
+    assert json.loads((tmp_path / "stats.json").read_text())["cut_at_final_answer"] == {"attempts": 2, "kept": 2}

@@ -190,6 +190,40 @@ def test_cli_error_is_one_line(tiny_model_dir, tmp_path):
     assert "bad.jsonl:1" in proc.stderr and not (tmp_path / "out").exists()
 
 
+def _md5s(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_bad_data_is_named_with_file_and_line_on_both_responses_paths(tiny_model_dir, tmp_path, capsys):
+    """--responses distilled (the default) names the row as exactly as --responses original: a plain dataset
+    with bad JSON on line 4 is refused at its line 1 (the row that is not distill output), a folder as a folder."""
+    from selfdistill.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [json.dumps({"question": f"{i}+{i}?", "answer": f"#### {2 * i}"}) for i in range(6)]
+    lines[3] = '{"question": "3+3?", "answer": '
+    plain = data / "plain.jsonl"
+    plain.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folder = data / "rows"
+    write_jsonl(folder.mkdir() or folder / "distilled.jsonl", distill_rows(3))
+    before = _md5s(data)
+    expected = {(plain, "original"): f"{plain}:4: invalid JSON", (plain, "distilled"): f"{plain}:1: not distill output",
+                (folder, "original"): f"{folder} is a folder", (folder, "distilled"): f"{folder} is a folder"}
+    for (source, responses), message in expected.items():
+        capsys.readouterr()
+        code = main(["finetune", "--model", str(tiny_model_dir), "--data", str(source), "--responses", responses,
+                     "--out", str(tmp_path / "out" / "child")])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("selfdistill: error:")]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (source, responses, err)
+        assert "Traceback" not in err
+    assert _md5s(data) == before and not (tmp_path / "out" / "child").exists()
+
+
 def _answer_tokens(model_dir, rows) -> int:
     from transformers import AutoTokenizer
 

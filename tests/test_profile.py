@@ -83,3 +83,34 @@ def test_real_model_executed_flops(real_model_dir):
     assert row["layers"] == 30 and row["parameters"]["total"] == 134_515_008
     assert row["flops_executed"]["total"] == pytest.approx(155.8e9, rel=1e-3)
     assert row["flops_executed"]["by_op"]["mm"] == pytest.approx(137.7e9, rel=1e-3)
+
+
+def test_a_seq_len_past_the_model_or_the_memory_is_one_line_before_loading(tmp_path, capsys):
+    """--seq-len 100000000 is refused by the model's max_position_embeddings (512 for the tiny model); one a
+    config allows but no memory holds (eager attention scores alone would be petabytes) by the memory check."""
+    import hashlib
+
+    from tiny import save_tiny
+
+    from selfdistill.cli import main
+
+    model = save_tiny(tmp_path / "tiny", layers=2)
+    roomy = save_tiny(tmp_path / "roomy", layers=2)
+    config = json.loads((roomy / "config.json").read_text())
+    (roomy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 10**9}))
+    mine = tmp_path / "results" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("mine\n")
+    before = {p: hashlib.md5(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*") if p.is_file()}
+    out = tmp_path / "results" / "profile.json"
+    cases = [(model, "100000000", "max_position_embeddings 512"), (roomy, "100000000", "GiB are available")]
+    for source, seq_len, message in cases:
+        capsys.readouterr()
+        code = main(["profile", "--model", str(source), "--seq-len", seq_len, "--dtype", "float32",
+                     "--out", str(out)])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("selfdistill: error:")]
+        assert code == 2 and len(lines) == 1 and message in lines[0], err
+        assert "Traceback" not in err
+    assert not out.exists() and not out.with_suffix(".md").exists()
+    assert before == {p: hashlib.md5(p.read_bytes()).hexdigest() for p in before}  # the user's files

@@ -24,7 +24,7 @@ from selfdistill.distill.attempts import Attempt, AttemptPlan, attempt_fields, a
 from selfdistill.distill.backends import BACKENDS, vllm_layout
 from selfdistill.distill.prompts import MODES, RewritePrompt, check_template, render_prompt
 from selfdistill.distill.records import check_prefix, make_row, open_for_append, read_complete, summarize, sync, write_row
-from selfdistill.distill.verify import DEFAULT_VERIFIERS, VERIFIERS, VerifyOptions, verify
+from selfdistill.distill.verify import DEFAULT_VERIFIERS, VERIFIERS, VerifyOptions, end_at_final_answer, verify
 from selfdistill.engine import GenParams, Result
 from selfdistill.errors import UserError
 from selfdistill.guard import claim_output
@@ -123,20 +123,21 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     prompt = RewritePrompt(cfg.rewrite_system, cfg.rewrite_template, cfg.prefill)
     if cfg.rewrite_template is not None:
         check_template(cfg.rewrite_template)
+    skipped: list[str] = []  # --on-bad-row skip: the rows passed over, counted in stats.json
     examples = load_examples(cfg.dataset, cfg.recipe, fields=_field_map(cfg.fields), limit=cfg.limit,
                              offset=cfg.offset, split=cfg.split, subset=cfg.subset, on_bad_row=cfg.on_bad_row,
-                             system_prompt=cfg.system_prompt)
+                             system_prompt=cfg.system_prompt, skipped=skipped)
     # A missing or pickle-only teacher is named now, before the output is touched (vLLM loads it itself).
     check_safe_weights(resolve_model(cfg.teacher))
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     with claim_output(out, "distill", folder=False, settings=resume.settings(cfg, dtype), overwrite=cfg.overwrite,
                       restart=cfg.restart, recognize=resume.recognize_output,
                       companions=[(out.parent / "stats.json", resume.recognize_stats)]) as claim:
-        return _distill(cfg, claim, examples, prompt, started)
+        return _distill(cfg, claim, examples, prompt, started, len(skipped))
 
 
 def _distill(cfg: DistillConfig, claim: Any, examples: list[Example], prompt: RewritePrompt,
-             started: float) -> dict[str, Any]:
+             started: float, bad_rows: int) -> dict[str, Any]:
     out = claim.path
     done_rows, keep_bytes = ([], 0) if claim.fresh else read_complete(out)
     check_prefix(out, done_rows, examples)
@@ -178,7 +179,7 @@ def _distill(cfg: DistillConfig, claim: Any, examples: list[Example], prompt: Re
         if shards > 1:
             sharding.merge_parts(out, keep_bytes, shards)
     rows, _ = read_complete(out)
-    stats = {**summarize(rows), **attempt_stats(rows, cfg.samples), "mode": cfg.mode,
+    stats = {**summarize(rows), "bad_rows_skipped": bad_rows, **attempt_stats(rows, cfg.samples), "mode": cfg.mode,
              "rows_this_run": len(rows) - len(done_rows), "resumed_after": len(done_rows),
              **gen_stats, "tokens_per_s": round(gen_stats["generated_tokens"] / gen_stats["generation_s"], 1)
              if gen_stats["generation_s"] else None, "processes": world,
@@ -204,12 +205,14 @@ def _judge(cfg: DistillConfig, examples: list[Example], prefills: dict[int, str]
     def judge(i: int, number: int, res: Result) -> Attempt:
         ex = examples[i]
         text = (prefills[i] + tok.decode(res.tokens, skip_special_tokens=True)).strip()
+        # a math answer ends at its '#### n' line: what follows is neither verified nor trained on
+        text, cut = end_at_final_answer(text) if ex.kind == "math" else (text, False)
         names = cfg.verifiers or DEFAULT_VERIFIERS.get(ex.kind, ["blacklist"])
         verdicts, reason = verify(text, ex, names, options)
         if res.finish == "length" and not cfg.keep_truncated:
             verdicts["complete"] = False
             reason = f"truncated: stopped at max_new_tokens={cfg.max_new_tokens}"
-        return Attempt(number, text, len(res.tokens), res.finish, verdicts, reason)
+        return Attempt(number, text, len(res.tokens), res.finish, verdicts, reason, cut)
 
     return judge
 

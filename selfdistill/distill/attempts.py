@@ -29,6 +29,7 @@ class Attempt:
     finish: str
     verdicts: dict[str, bool]
     reason: str | None  # None = verified
+    cut: bool = False  # text after its final-answer line was cut off (verify.end_at_final_answer)
 
     @property
     def verified(self) -> bool:
@@ -98,7 +99,7 @@ def attempt_fields(attempts: list[Attempt]) -> dict[str, Any]:
     """The row's record of its attempts: which one was kept (1-based; None = none verified) and the cost."""
     kept = next((a.number for a in attempts if a.verified), None)
     return {"attempt": kept, "attempts": len(attempts), "attempt_tokens": [a.tokens for a in attempts],
-            "attempt_reasons": [a.reason for a in attempts]}
+            "attempt_reasons": [a.reason for a in attempts], "attempt_cut": [a.cut for a in attempts]}
 
 
 def chosen(attempts: list[Attempt]) -> Attempt:
@@ -115,7 +116,12 @@ def attempt_stats(rows: list[dict[str, Any]], samples: int) -> dict[str, Any]:
             if j < samples:
                 spent[j] += int(n)
     total, n_kept = sum(spent), sum(1 for a in kept if a is not None)
+    cut = [r.get("attempt_cut") or [] for r in rows]
     return {"samples": samples,
             "kept_after_attempts": [sum(1 for a in kept if a is not None and a <= j) for j in range(1, samples + 1)],
             "tokens_by_attempt": spent,
-            "tokens_per_kept_row": round(total / n_kept, 1) if n_kept else None}
+            "tokens_per_kept_row": round(total / n_kept, 1) if n_kept else None,
+            # attempts whose text went on after their final-answer line, and how many of those were kept (cut)
+            "cut_at_final_answer": {"attempts": sum(map(sum, cut)),
+                                    "kept": sum(1 for a, c in zip(kept, cut) if a is not None and a <= len(c)
+                                                and c[a - 1])}}

@@ -72,6 +72,19 @@ def final_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+def end_at_final_answer(text: str) -> tuple[str, bool]:
+    """(the text up to the end of its first '#### n' line, whether anything followed it).
+
+    A GSM8K-style answer ends at that line; what a small parent writes after it (a second, different
+    derivation, a new question) would otherwise be trained on, and the last '####' is the one `final_answer`
+    reads. Text without a '####' line is returned as it is."""
+    match = re.search(r"####\s*(" + _NUMBER + r"|[^\n]+)", text)
+    end = text.find("\n", match.end()) if match else -1
+    if end < 0 or not text[end:].strip():
+        return text, False
+    return text[:end].rstrip(), True
+
+
 def _number(answer: str) -> float | None:
     cleaned = re.sub(r"(?<=\d),(?=\d)", "", answer).replace("$", "").replace(" ", "").rstrip(".")
     try:

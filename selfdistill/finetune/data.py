@@ -31,21 +31,24 @@ class TrainData:
     rewrites_used: int | None  # rows whose answer is the parent's rewrite (distill output only)
 
 
-def _first_row(path: Path) -> dict[str, Any] | None:
-    for _, row in read_rows(path):
+def _first_row(path: Path) -> tuple[str, dict[str, Any]] | None:
+    """("file:line", row) of the first row, or None for an empty file; a bad first row is its UserError."""
+    for where, row in read_rows(path):
         if isinstance(row, UserError):
             raise row
-        return row
+        return where, row
     return None
+
+
+def _is_distill_row(row: dict[str, Any]) -> bool:
+    return "messages" in row and "original" in row
 
 
 def is_distill_output(source: str | Path) -> bool:
     """Distill output rows carry `messages` plus an `original` answer; anything else is a plain dataset."""
     path = Path(str(source)).expanduser()
-    if not path.is_file():
-        return False
-    row = _first_row(path)
-    return row is not None and "messages" in row and "original" in row
+    first = _first_row(path) if path.is_file() else None
+    return first is not None and _is_distill_row(first[1])
 
 
 def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
@@ -86,14 +89,18 @@ def load_train_data(source: str | Path, responses: str, recipe: str | None = Non
     if responses not in RESPONSE_COLUMNS:
         raise UserError(f"--responses must be one of {', '.join(RESPONSE_COLUMNS)}, not '{responses}'")
     path = Path(str(source)).expanduser()
+    if path.is_dir():  # both --responses paths say so (a folder is neither distill output nor a dataset file)
+        raise UserError(f"--data {path} is a folder; give a data file (.jsonl, .json, .csv, .parquet)")
     if not path.exists() and not looks_like_hub_dataset(source):
         raise UserError(f"--data {source}: file not found")
-    if path.is_file() and _first_row(path) is None:
+    first = _first_row(path) if path.is_file() else None
+    if path.is_file() and first is None:
         raise UserError(f"{path}: the dataset is empty")
-    if recipe is None and is_distill_output(source):
-        return _distilled_rows(Path(str(source)).expanduser(), responses, limit)
+    if recipe is None and first is not None and _is_distill_row(first[1]):
+        return _distilled_rows(path, responses, limit)
     if responses == "distilled":
-        raise UserError(f"{source}: not distill output (no 'messages'/'original'/'response' fields), so it has "
+        where = first[0] if first is not None else str(source)  # the row that shows it: file and line
+        raise UserError(f"{where}: not distill output (no 'messages'/'original'/'response' fields), so it has "
                         "no rewrites; use --responses original to train on a plain dataset's answers")
     examples = load_examples(source, recipe, limit=limit)
     rows = [{"prompt": e.messages, "completion": [{"role": "assistant", "content": e.reference}]}

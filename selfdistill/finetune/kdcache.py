@@ -23,6 +23,7 @@ import torch
 
 from selfdistill.errors import UserError
 from selfdistill.finetune.kd import DIVERGENCES
+from selfdistill.finetune.logits import answer_logits
 
 log = logging.getLogger(__name__)
 SHARD_ROWS = 512
@@ -94,8 +95,6 @@ def _teacher_topk(teacher: Any, batch: list[dict[str, list[int]]], top_k: int, t
         ids[j, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
         attn[j, :len(r["input_ids"])] = 1
         keep[j, answer_positions(r["completion_mask"])] = True
-    from selfdistill.finetune.trainer import answer_logits  # lazily: trainer imports this module
-
     logits = answer_logits(teacher, {"input_ids": ids.to(device), "attention_mask": attn.to(device)},
                            keep.to(device)).logits
     logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float() / temperature, -1)

@@ -20,30 +20,11 @@ from trl import SFTTrainer
 
 from selfdistill.finetune.kd import DIVERGENCES
 from selfdistill.finetune.kdcache import cached_divergence
+from selfdistill.finetune.logits import answer_logits
 
 log = logging.getLogger(__name__)
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-def _masks_keep_logits() -> bool:
-    """Whether models take a boolean `logits_to_keep` mask (transformers >= 5.21, `slice_logits_to_keep`).
-    Older ones index [:, mask, :] and fail, so there every position is projected and the mask applied after:
-    the same loss at the old cost of the full LM head."""
-    import transformers.modeling_utils as mu
-
-    return hasattr(mu, "slice_logits_to_keep")
-
-
-MASKS_KEEP_LOGITS = _masks_keep_logits()
-
-
-def answer_logits(model: Any, inputs: dict[str, Any], keep: torch.Tensor) -> Any:
-    """The model's output with `.logits` only at the `keep` positions ([kept, vocab], row-major order)."""
-    outputs = model(**inputs, use_cache=False, logits_to_keep=keep if MASKS_KEEP_LOGITS else 0)
-    if not MASKS_KEEP_LOGITS:
-        outputs.logits = outputs.logits[keep]
-    return outputs
 
 
 def tokenize_row(tokenizer: Any, row: dict[str, Any], max_length: int) -> dict[str, list[int]] | None:
