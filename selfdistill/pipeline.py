@@ -1,7 +1,8 @@
 """`selfdistill run CONFIG.yaml`: the paper's loop as one resumable run.
 
-    evaluate parent -> prune -> distill (per dataset) -> finetune arms (SFT, SDD, SDD+KD, or any in YAML)
-    -> merge (per-dataset SDD children, SLERP) -> evaluate children -> drift -> speculate -> profile -> report
+    prune (and any prune variants) -> distill (per dataset) -> finetune arms (SFT, SDD, SDD+KD, or any in YAML)
+    -> merge (per-dataset SDD children, SLERP) -> evaluate parent and children -> drift -> speculate -> profile
+    -> report
 
 The stages, their folders and their YAML sections are rows of the stage table (selfdistill/stages.py).
 `_method` lays out one run's steps; each step is keyed by its config and the keys of the steps it reads,
@@ -173,9 +174,7 @@ def _method(s: _Steps) -> dict[str, str]:
     """The paper's method as the steps of one run; returns the children by label."""
     cfg = s.cfg
     evaluation = {"data_dir": str(s.data_dir or ""), "seed": cfg.seed}
-    # 1. The parent's scores (cached by model hash, so the final evaluation reuses them).
-    s.add("parent-eval", model=[cfg.parent], baseline="", out=stage_dir(s.root, "parent-eval"), **evaluation)
-    # 2. Prune: score blocks on the first dataset's text, remove the most redundant one.
+    # 1-2. Prune: score blocks on the first dataset's text, remove the most redundant one.
     children = {"pruned": _prune(s)}
     for variant in cfg.prune_variants:  # other blocks or repairs of the cut, each a child of its own
         children[f"pruned-{variant['name']}"] = _prune(s, variant)
@@ -191,6 +190,9 @@ def _method(s: _Steps) -> dict[str, str]:
     if merging:
         children["merged"] = _merge(s, distilled, evaluation)
     made = tuple(Path(p).name for p in children.values())
+    # The parent's own scores (cached by model hash and task, so the evaluation below reuses them). After the
+    # children are made, so a run shows its cheap, informative steps (the cuts) first.
+    s.add("parent-eval", model=[cfg.parent], baseline="", out=stage_dir(s.root, "parent-eval"), **evaluation)
     # 6. Every child against the parent: retention, chance-corrected, paired bootstrap.
     s.add("evaluate", model=list(children.values()), baseline=cfg.parent, out=stage_dir(s.root, "evaluate"),
           after=made, **evaluation)

@@ -76,6 +76,21 @@ def test_parent_is_evaluated_once_and_a_second_child_gets_a_bootstrap(tmp_path, 
     assert len(ids) == 6 and ids != list(range(6))  # a seeded subset, not the first rows
 
 
+def test_each_task_is_cached_on_its_own(tmp_path, tiny_model_dir, data_dir, caplog):
+    """A task added to a finished evaluation is the only one scored; the first task's result is reused whole."""
+    base = dict(model=[str(tiny_model_dir)], preset="cpu", limit=4, data_dir=str(data_dir), batch_size=8,
+                dtype="float32", bootstrap_iters=20)
+    evaluate(EvalConfig(tasks=["arc_easy"], out=str(tmp_path / "a"), **base))
+    with caplog.at_level("INFO", logger="selfdistill.evaluate"):
+        evaluate(EvalConfig(tasks=["arc_easy", "hellaswag"], out=str(tmp_path / "b"), **base))
+    assert "cached arc_easy" in caplog.text and "cached hellaswag" not in caplog.text
+    first, both = (json.loads((tmp_path / d / "results" / "llama6.json").read_text()) for d in ("a", "b"))
+    assert both["samples"]["sd_arc_easy"] == first["samples"]["sd_arc_easy"]
+    assert len(both["samples"]["sd_hellaswag"]) == 4
+    scores = json.loads((tmp_path / "b" / "scores.json").read_text())
+    assert set(scores["models"][str(tiny_model_dir)]["tasks"]) == {"arc_easy", "hellaswag"}
+
+
 def _parent(values: dict[str, tuple[float, float, float]]) -> dict:
     return {t: {"value": v, "stderr": se, "chance": c} for t, (v, se, c) in values.items()}
 

@@ -97,34 +97,68 @@ def _settings(cfg: EvalConfig, specs: dict[str, TaskSpec], dtype: str, backend: 
 
 def _evaluate_one(name: str, path: str, cfg: EvalConfig, settings: dict[str, Any], tasks: Any,
                   device: str) -> tuple[dict[str, Any] | None, bool]:
-    """lm-eval's output for one model, from the cache when the model hash + settings match."""
+    """lm-eval's output for one model, task by task from the cache when the model hash + settings match.
+
+    Each task is cached on its own, so adding a task to a finished evaluation scores only the new task,
+    and an evaluation cut off between tasks keeps the tasks it finished."""
     import json
 
-    from selfdistill.evaluate.runner import cache_key, load_tasks, make_lm, run_tasks
+    from selfdistill.evaluate.runner import cache_key
     from selfdistill.models import cache_dir
     from selfdistill.rundir import atomic_write_json, hash_path
 
     model_hash = hash_path(path) or path
-    cached = cache_dir() / "eval" / f"{cache_key(model_hash, settings)}.json"
-    if cfg.cache and cached.is_file():
-        log.info("%s: cached scores %s", name, cached)
-        return json.loads(cached.read_text(encoding="utf-8")), True
-    lm = make_lm(name, path, backend=settings["backend"], dtype=settings["dtype"], device=device,
-                 batch_size=cfg.batch_size, max_length=None, tensor_parallel_size=cfg.tensor_parallel_size,
-                 softmax_dtype=cfg.softmax_dtype)
-    t0 = time.time()
-    if tasks["objs"] is None:  # built on first use, so a fully cached call never builds them
-        tasks["objs"], tasks["samples"] = load_tasks(tasks["specs"], tasks["tm"], limit=cfg.limit, seed=cfg.seed,
-                                                     selection=cfg.selection)
-    res = run_tasks(lm, tasks["objs"], tasks["samples"], tasks["tm"], limit=cfg.limit, seed=cfg.seed,
-                    apply_chat_template=cfg.apply_chat_template, max_gen_toks=cfg.max_gen_toks or None)
-    if res is None:  # a non-zero rank under accelerate launch
-        return None, False
-    res["selfdistill"] = {"model": name, "path": path, "model_sha256": model_hash, "wall_time_s": time.time() - t0,
-                          "settings": settings}
-    if cfg.cache:
-        atomic_write_json(cached, res)
-    return res, False
+    parts: list[dict[str, Any]] = []
+    lm: list[Any] = []  # built on the first task that is not cached
+    for task, spec in tasks["specs"].items():
+        one = {**settings, "tasks": {task: settings["tasks"][task]}}
+        cached = cache_dir() / "eval" / f"{cache_key(model_hash, one)}.json"
+        if cfg.cache and cached.is_file():
+            log.info("%s: cached %s scores %s", name, task, cached)
+            parts.append(json.loads(cached.read_text(encoding="utf-8")))
+            continue
+        t0 = time.time()
+        res = _run_task(name, path, cfg, settings, tasks, task, spec, device, lm)
+        if res is None:  # a non-zero rank under accelerate launch
+            return None, False
+        res["selfdistill"] = {"task": task, "wall_time_s": time.time() - t0}
+        if cfg.cache:
+            atomic_write_json(cached, res)
+        parts.append(res)
+    merged = _merge_results(parts)
+    merged["selfdistill"] = {"model": name, "path": path, "model_sha256": model_hash,
+                             "wall_time_s": sum(p["selfdistill"]["wall_time_s"] for p in parts), "settings": settings}
+    return merged, not lm
+
+
+def _run_task(name: str, path: str, cfg: EvalConfig, settings: dict[str, Any], tasks: Any, task: str,
+              spec: TaskSpec, device: str, lm: list[Any]) -> dict[str, Any] | None:
+    from selfdistill.evaluate.runner import load_tasks, make_lm, run_tasks
+
+    if not lm:
+        lm.append(make_lm(name, path, backend=settings["backend"], dtype=settings["dtype"], device=device,
+                          batch_size=cfg.batch_size, max_length=None, tensor_parallel_size=cfg.tensor_parallel_size,
+                          softmax_dtype=cfg.softmax_dtype))
+    if task not in tasks["loaded"]:  # built on first use and kept for the next model (building takes seconds)
+        tasks["loaded"][task] = load_tasks({task: spec}, tasks["tm"], limit=cfg.limit, seed=cfg.seed,
+                                           selection=cfg.selection)
+    objs, samples = tasks["loaded"][task]
+    return run_tasks(lm[0], objs, samples, tasks["tm"], limit=cfg.limit, seed=cfg.seed,
+                     apply_chat_template=cfg.apply_chat_template, max_gen_toks=cfg.max_gen_toks or None)
+
+
+def _merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One simple_evaluate-shaped result from per-task results: their per-task tables side by side."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "selfdistill":
+                continue
+            if isinstance(value, dict) and isinstance(merged.get(key, {}), dict):
+                merged[key] = {**merged.get(key, {}), **value}
+            else:
+                merged.setdefault(key, value)
+    return merged
 
 
 def _task_samples(res: dict[str, Any], task: str) -> list[dict[str, Any]]:
@@ -225,7 +259,7 @@ def _evaluate_all(cfg: EvalConfig, specs: dict[str, TaskSpec], data_dir: Path | 
 
     device = resolve_device(cfg.device)
     settings = _settings(cfg, specs, resolve_dtype(cfg.dtype, device), backend)
-    tasks = {"specs": specs, "tm": task_manager(specs, data_dir), "objs": None, "samples": None}
+    tasks = {"specs": specs, "tm": task_manager(specs, data_dir), "loaded": {}}
     out = Path(cfg.out)
     labels: set[str] = set()
     raw: dict[str, dict[str, Any]] = {}
