@@ -201,7 +201,7 @@ def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
         write_model(model, tok, tmp, card)
         atomic_write_json(tmp / "pruning.json", report)
         if scores is not None and importlib.util.find_spec("matplotlib") is not None:
-            plot_scores(scores, tmp / "distances.png")
+            plot_scores(scores, tmp / "distances.png", check=check, removed=removed)
         elif scores is not None:  # a bare GPU environment: the picture is lost, not the pruned model
             log.warning("distances.png not written: matplotlib is not installed (the scores are in pruning.json)")
         inputs = {"calibration": cfg.calibration} if cfg.calibration and Path(cfg.calibration).exists() else {}
