@@ -208,3 +208,21 @@ def test_real_model_linear_repair_lowers_the_heldout_loss_of_the_cut(tmp_path, g
     print(f"held-out loss: plain cut {record['heldout_loss_plain']:.3f}, linear {record['heldout_loss_replaced']:.3f}")
     assert record["applied"] and record["heldout_loss_replaced"] < record["heldout_loss_plain"] - 0.1
     assert result["layers_after"] == 24
+
+
+def test_variants_of_one_cut_share_one_block_analysis(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """A second prune of the same parent and calibration (another repair) reuses the scores and the check."""
+    monkeypatch.setenv("SELFDISTILL_CACHE", str(tmp_path / "cache"))
+    calib = _texts(tmp_path, n=16)
+    cfg = dict(model=str(tiny_model_dir), num_layers=2, calibration=str(calib), calibration_samples=10,
+               heldout_samples=6, max_length=40, select_by="heldout_loss_all")
+    prune(PruneConfig(**cfg, out=str(tmp_path / "a")))
+    with caplog.at_level("INFO", logger="selfdistill.prune"):
+        prune(PruneConfig(**cfg, replace="linear", out=str(tmp_path / "b")))
+    assert "from the cache" in caplog.text
+    a, b = (json.loads((tmp_path / d / "pruning.json").read_text()) for d in "ab")
+    assert a["scores"] == b["scores"] and a["heldout_check"] == b["heldout_check"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="selfdistill.prune"):  # other calibration rows: analysed anew
+        prune(PruneConfig(**{**cfg, "calibration_samples": 9}, out=str(tmp_path / "c")))
+    assert "from the cache" not in caplog.text

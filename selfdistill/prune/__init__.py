@@ -29,6 +29,7 @@ from selfdistill.models import (
     write_model,
 )
 from selfdistill.prune import calibration
+from selfdistill.prune.analysis import analysis_key, load_analysis, store_analysis
 from selfdistill.prune.candidates import cheapest_starts, check_candidates
 from selfdistill.prune.plot import plot_scores
 from selfdistill.prune.repair import contiguous_block, cut, repair_block
@@ -172,14 +173,10 @@ def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
                             trust_remote_code=cfg.trust_remote_code)
     total = len(decoder_layers(model))
     n, explicit = choose_block(cfg, total)
-    scores: LayerScores | None = None
     data = calibration_data(cfg, tok, device, rows) if rows is not None else None
-    if data is not None:
-        scores = SCORERS[cfg.scorer](model, data.batches, n)
-    removed = explicit if explicit is not None else scores.removed
     every = cfg.select_by in ("heldout_loss_all", "replaced_loss") and explicit is None
-    check = check_candidates(model, scores, removed, data.heldout, None if every else cfg.candidates) \
-        if data else None
+    scores, check = _analysis(cfg, model, data, n, explicit, every, device)
+    removed = explicit if explicit is not None else scores.removed
     if explicit is None and cfg.select_by in ("heldout_loss", "heldout_loss_all") and check:
         removed = list(range(check["best_start"], check["best_start"] + n))
     repair, replacement = None, None
@@ -215,6 +212,22 @@ def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
             "warning": check["warning"] if check else None,
             "replacement": None if replacement is None else {k: replacement[k] for k in (
                 "method", "applied", "heldout_loss_plain", "heldout_loss_replaced")}}
+
+
+def _analysis(cfg: PruneConfig, model: Any, data: calibration.Calibration | None, n: int, explicit: list[int] | None,
+              every: bool, device: str) -> tuple[LayerScores | None, dict[str, Any] | None]:
+    """Every block's score and the held-out check of the candidates (cached: variants share them)."""
+    if data is None:
+        return None, None
+    key = analysis_key(cfg, n, every, device) if explicit is None else None
+    hit = load_analysis(key)
+    if hit is not None:
+        return hit
+    scores = SCORERS[cfg.scorer](model, data.batches, n)
+    removed = explicit if explicit is not None else scores.removed
+    check = check_candidates(model, scores, removed, data.heldout, None if every else cfg.candidates)
+    store_analysis(key, scores, check)
+    return scores, check
 
 
 def _repair(cfg: PruneConfig, model: Any, tok: Any, device: str, sources: tuple[Any, Any, Any], removed: list[int],
