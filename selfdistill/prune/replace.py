@@ -125,10 +125,15 @@ def block_activations(model: Any, batches: list[Batch], start: int, n: int, excl
 
 
 def _all_reduce(*tensors: torch.Tensor) -> None:
-    """Sum over ranks when calibration is sharded (each rank ran its own batches)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for t in tensors:
-            torch.distributed.all_reduce(t)
+    """Sum over ranks when a caller shards the calibration batches (each rank ran its own). NCCL reduces only
+    CUDA tensors, so the sums travel through the GPU there and come back."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    for t in tensors:
+        moved = t.cuda() if on_gpu else t
+        torch.distributed.all_reduce(moved)
+        t.copy_(moved.cpu())
 
 
 def linear_stats(model: Any, batches: list[Batch], start: int, n: int, exclude_first: int,
