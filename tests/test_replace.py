@@ -226,3 +226,29 @@ def test_variants_of_one_cut_share_one_block_analysis(tmp_path, tiny_model_dir, 
     with caplog.at_level("INFO", logger="selfdistill.prune"):  # other calibration rows: analysed anew
         prune(PruneConfig(**{**cfg, "calibration_samples": 9}, out=str(tmp_path / "c")))
     assert "from the cache" not in caplog.text
+
+
+def _sharded_stats(rank: int, world: int, store: str, batches, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = lively(make_model(layers=6))
+        xtx, xtz, tokens = linear_stats(model, batches[rank::world], 3, 2, exclude_first=0)
+        if rank == 0:
+            torch.save({"xtx": xtx, "xtz": xtz, "tokens": tokens}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sums_sharded_over_ranks_equal_the_single_process_fit(tmp_path):
+    """Two gloo ranks, each with half the calibration batches, all-reduce to the one-process X^T X and X^T Z."""
+    import torch.multiprocessing as mp
+
+    batches = _batches(tmp_path, batch_size=2)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_sharded_stats, args=(2, str(tmp_path / "store"), batches, str(out)), nprocs=2, join=True)
+    sharded = torch.load(out)
+    xtx, xtz, tokens = linear_stats(lively(make_model(layers=6)), batches, 3, 2, exclude_first=0)
+    assert sharded["tokens"] == tokens
+    torch.testing.assert_close(sharded["xtx"], xtx, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sharded["xtz"], xtz, rtol=1e-9, atol=1e-9)
