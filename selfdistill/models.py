@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +81,16 @@ def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", *,
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code) if with_tokenizer else None
+    except pickle.UnpicklingError:
+        raise UserError(f"cannot load model '{name}': its pickle weights hold more than tensors; --allow-pickle "
+                        "loads tensors only (torch.load weights_only=True, no code runs), so save it as "
+                        "safetensors first if you trust it") from None
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load model '{name}': {first}") from None
     drop_quantization(model)
+    if not trust_remote_code and getattr(model.config, "auto_map", None):
+        del model.config.auto_map  # the built-in architecture was loaded: a child saved from it must not name the code
     model.to(device).eval()
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -114,7 +121,7 @@ def check_safe_weights(source: str | Path, allow_pickle: bool = False) -> None:
     has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
     if has_pickle and not has_safe:
         raise UserError(f"{path} holds only pickle weights (.bin), which can run code on load; "
-                        "pass --allow-pickle if you trust it")
+                        "pass --allow-pickle to load their tensors (torch weights_only) if you trust it")
 
 
 def _warn_auto_map(source: str, trust_remote_code: bool) -> None:
