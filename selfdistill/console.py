@@ -96,10 +96,16 @@ def output_log_path(output: Path, folder: bool) -> Path:
     return output / LOG_NAME if folder else output.with_name(output.name + ".log")
 
 
-def _wrote_output(output: Path, log_file: Path) -> bool:
-    if output.is_dir():
-        return any(p != log_file and not p.name.startswith(".") for p in output.iterdir())
-    return output.exists()
+def _state(output: Path, log_file: Path) -> frozenset[tuple[str, int, int]] | None:
+    """What `output` holds (every file and folder but the log, with size and mtime), to tell afterwards
+    whether the command wrote any of it; None: it does not exist."""
+    if not output.exists():
+        return None
+    entries = output.rglob("*") if output.is_dir() else ()
+    with contextlib.suppress(OSError):
+        return frozenset((str(p), (st := p.lstat()).st_size, st.st_mtime_ns)
+                         for p in (output, *entries) if p != log_file)
+    return frozenset()
 
 
 class RunLog(logging.Handler):
@@ -113,7 +119,7 @@ class RunLog(logging.Handler):
         self.pending: list[logging.LogRecord] | None = []  # None: no log for this command
         self.file: TextIO | None = None
         self.path: Path | None = None
-        self._undo: tuple[Path, int | None, list[Path]] | None = None  # output, size before, folders made
+        self._undo: tuple[Path, Any, int | None, list[Path]] | None = None  # output, its state, log size, folders made
 
     def open(self, path: Path | None, output: Path | None = None) -> None:
         """Write to the log file `path` from now on, the records so far first; None: keep no log. `output`:
@@ -128,25 +134,26 @@ class RunLog(logging.Handler):
             log.warning("%s was not written by selfdistill: left as it is, and this command keeps no log", path)
             return
         made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+        output = output or path.parent
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             size = path.stat().st_size if path.exists() else None
             self.file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close_file
         except OSError:
             return  # an unwritable folder: the stage reports it itself, in one line
-        self.path, self._undo = path, (output or path.parent, size, made)
+        self.path, self._undo = path, (output, _state(output, path), size, made)
         self.emit(logging.LogRecord(OURS, logging.INFO, __file__, 0, "command: %s", (" ".join(sys.argv),), None))
         for record in pending:
             self.emit(record)
 
     def discard(self) -> None:
         """After bad input: remove the log this command created (or cut its lines from our earlier one), and
-        the folders made for it, unless the command already wrote its output (the log then explains it)."""
+        the folders made for it, unless the command changed its output after the log opened."""
         if self.path is None or self._undo is None:
             return
-        path, (output, size, made) = self.path, self._undo
+        path, (output, state, size, made) = self.path, self._undo
         self.close_file()
-        if _wrote_output(output, path):
+        if _state(output, path) != state:  # the command wrote (part of) its output: the log explains it
             return
         with contextlib.suppress(OSError):
             if size is None:
