@@ -27,7 +27,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -153,26 +153,6 @@ def _visible(folder: Path) -> list[Path]:
     """What a folder holds besides hidden files and the run log of a stage killed before it wrote anything."""
     return [p for p in folder.iterdir() if not p.name.startswith(".")
             and not (p.name == console.LOG_NAME and console.is_our_log(p))]
-
-
-def _local_paths(value: Any) -> list[str]:
-    """The strings of a config value that name existing local paths (a hub id or an alias names none)."""
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else [value]
-    return [str(v) for v in items if v and isinstance(v, (str, Path)) and Path(str(v)).expanduser().exists()]
-
-
-def refuse_overlap(out: str | Path, inputs: Mapping[str, Any], what: str = "--out") -> None:
-    """Refuse an output that is, contains or lies inside one of the inputs (`flag: path or paths`): writing it
-    would replace or change what the stage reads (a model folder, a data file, a KD cache)."""
-    target = Path(out).expanduser().resolve()
-    for flag, value in inputs.items():
-        for item in _local_paths(value):
-            source = Path(item).expanduser().resolve()
-            relation = ("is" if target == source else "lies inside" if source in target.parents
-                        else "contains" if target in source.parents else None)
-            if relation:
-                raise UserError(f"{what} {out} {relation} the input {flag} {item}; give an {what} apart from the "
-                                "inputs, which are never written")
 
 
 def _manifest_writer(manifest: dict[str, Any], path: Path) -> str | None:

@@ -21,8 +21,9 @@ from typing import Any
 from selfdistill.arms import ArmSpec, builtin_arms, resolve_arms
 from selfdistill.config import dump_yaml, opt
 from selfdistill.console import open_run_log, say
-from selfdistill.guard import lock_run_dir, refuse_overlap
+from selfdistill.guard import lock_run_dir
 from selfdistill.models import DEFAULT_MODEL
+from selfdistill.overlap import refuse_overlap
 from selfdistill.paths import default_data_dir
 from selfdistill.pipeline_data import DatasetSpec, measured_sets, resolve_dataset, training_file_name, write_training_file
 from selfdistill.rundir import atomic_write_text

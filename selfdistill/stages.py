@@ -28,7 +28,7 @@ from typing import Any
 
 from selfdistill.config import from_dict, to_dict
 from selfdistill.console import duration, say
-from selfdistill.guard import refuse_overlap
+from selfdistill.overlap import refuse_overlap
 from selfdistill.rundir import atomic_write_json, hash_path, read_manifest, write_manifest
 
 
@@ -94,7 +94,7 @@ NAMES = tuple(BY_NAME)
 
 
 def check_apart(stage: Stage, config: Any) -> None:
-    """Refuse a config whose `out` is, contains or lies inside one of the stage's inputs (guard.refuse_overlap)."""
+    """Refuse a config whose `out` is, contains or lies inside one of the stage's inputs (overlap.py)."""
     out = getattr(config, "out", "")
     if out:
         refuse_overlap(out, {"--" + name.replace("_", "-"): getattr(config, name) for name in stage.inputs})
