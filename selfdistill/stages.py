@@ -2,7 +2,8 @@
 
 One row per stage: its name (a `--from` choice), where its config class and function live, the section
 of the pipeline YAML that configures it, the fields the run fills in, its folder in the run directory,
-the file in that folder that later stages read, and the stages it reads. The pipeline's config sections
+the file in that folder that later stages read, the stages it reads, and the config fields it reads from
+(which its output may never overlap). The pipeline's config sections
 and their validation, the `--from` choices, the run-directory paths and what `selfdistill report` reads
 all follow from it. Adding a stage is one row here, one module, and one step in `pipeline._method`.
 
@@ -27,6 +28,7 @@ from typing import Any
 
 from selfdistill.config import from_dict, to_dict
 from selfdistill.console import duration, say
+from selfdistill.overlap import refuse_overlap
 from selfdistill.rundir import atomic_write_json, hash_path, read_manifest, write_manifest
 
 
@@ -43,6 +45,7 @@ class Stage:
     section: str | None = "="  # its section of the pipeline YAML: "=" its own name, None none
     defaults: dict[str, Any] = field(default_factory=dict)  # the section's defaults
     command: str = ""  # the help line of its `selfdistill <name>` command ("" = run only within `selfdistill run`)
+    inputs: tuple[str, ...] = ()  # config fields naming what it reads (models, data, caches): never its `out`
 
     @property
     def yaml_section(self) -> str | None:
@@ -57,34 +60,44 @@ CHILDREN = ("prune", "finetune", "merge")  # the stages that make children
 
 TABLE: tuple[Stage, ...] = (
     Stage("parent-eval", "selfdistill.evaluate", "EvalConfig", "evaluate", "parent-eval",
-          {"model": ["-"], "baseline": "", "out": "-"}, section="evaluate", output="scores.json"),
+          {"model": ["-"], "baseline": "", "out": "-"}, section="evaluate", output="scores.json",
+          inputs=("model", "baseline", "data_dir")),
     Stage("prune", "selfdistill.prune", "PruneConfig", "prune", "pruned", {"model": "-", "out": "-"},
           output="pruning.json", defaults={"num_layers": 6},
-          command="score blocks of layers and remove the most redundant one"),
+          command="score blocks of layers and remove the most redundant one", inputs=("model", "calibration")),
     Stage("distill", "selfdistill.distill", "DistillConfig", "distill", "distill-{}",
           {"teacher": "-", "dataset": "-", "out": "-"}, output="distilled.jsonl",
-          command="let the parent rewrite a dataset's answers, verified"),
+          command="let the parent rewrite a dataset's answers, verified", inputs=("teacher", "dataset")),
     Stage("finetune", "selfdistill.finetune", "FinetuneConfig", "finetune", "{}",
           {"model": "-", "data": "-", "out": "-"}, reads=("prune", "distill"),
-          command="recover a pruned child with LoRA, partial or full fine-tuning"),
+          command="recover a pruned child with LoRA, partial or full fine-tuning",
+          inputs=("model", "data", "teacher", "kd_cache_dir")),
     Stage("merge", "selfdistill.merge", "MergeConfig", "merge", "merged", {"models": ["-", "-"], "out": "-"},
-          reads=("finetune",), command="SLERP/linear merge of two children"),
+          reads=("finetune",), command="SLERP/linear merge of two children", inputs=("models", "eval_data_dir")),
     Stage("evaluate", "selfdistill.evaluate", "EvalConfig", "evaluate", "evaluate",
           {"model": ["-"], "baseline": "-", "out": "-"}, reads=CHILDREN, output="scores.json",
-          command="score models with lm-evaluation-harness; retention"),
+          command="score models with lm-evaluation-harness; retention", inputs=("model", "baseline", "data_dir")),
     Stage("drift", "selfdistill.evaluate.drift", "DriftConfig", "run_drift", "drift",
           {"parent": "-", "children": {"-": "-"}, "sets": []}, reads=CHILDREN, output="result.json"),
     Stage("speculate", "selfdistill.speculative", "SpeculateConfig", "speculate", "speculate",
           {"target": "-", "draft": ["-"], "prompts": "-", "out": "-"}, reads=CHILDREN, output="speculate.json",
-          command="children as speculative drafts of the parent"),
+          command="children as speculative drafts of the parent", inputs=("target", "draft", "prompts")),
     Stage("profile", "selfdistill.profile", "ProfileConfig", "profile", "profile", {"model": ["-"], "out": "-"},
-          reads=("prune",), output="profile.json", command="parameters, FLOPs per token and latency"),
+          reads=("prune",), output="profile.json", command="parameters, FLOPs per token and latency",
+          inputs=("model",)),
     Stage("report", "selfdistill.report", "ReportConfig", "report", "report", {"run_dir": "-"},
           reads=("parent-eval", "prune", "distill", "finetune", "merge", "evaluate", "drift", "speculate", "profile"),
           section=None, output="report.md", command="write report.md / report.html for a run directory"),
 )
 BY_NAME = {s.name: s for s in TABLE}
 NAMES = tuple(BY_NAME)
+
+
+def check_apart(stage: Stage, config: Any) -> None:
+    """Refuse a config whose `out` is, contains or lies inside one of the stage's inputs (overlap.py)."""
+    out = getattr(config, "out", "")
+    if out:
+        refuse_overlap(out, {"--" + name.replace("_", "-"): getattr(config, name) for name in stage.inputs})
 
 
 def stage_dir(run: str | Path, name: str, instance: str = "") -> Path:
@@ -172,6 +185,7 @@ class Plan:
         if manifest and manifest.get("stage_key") == key and not forced and (folder / "result.json").is_file():
             say("%s skipped (complete)", label)
             return json.loads((folder / "result.json").read_text())
+        check_apart(step.stage, step.config)  # before a stale folder is removed: it may be what the step reads
         marker = folder / ".stage_key"
         if forced or manifest or (marker.is_file() and marker.read_text() != key):
             shutil.rmtree(folder, ignore_errors=True)  # outputs of another config: never resume from them

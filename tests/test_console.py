@@ -42,7 +42,7 @@ def test_a_stage_shows_its_own_lines_and_logs_the_libraries(tmp_path, tiny_model
     assert "finetune ..." in terminal and re.search(r"finetune done in \d+ s", terminal)
     assert not [c for c in CHATTER if c in terminal], terminal  # no library chatter on the terminal
     assert json.loads(proc.stdout)["out"] == str(tmp_path / "child")  # the result is still printed, as JSON
-    log = (tmp_path / "run.log").read_text()  # beside --out
+    log = (tmp_path / "child" / "run.log").read_text()  # inside --out
     assert "FutureWarning" in log and "gradient_checkpointing" in log  # transformers' warning, kept
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO selfdistill.console: finetune \.\.\.$", log, re.M)
 
@@ -51,7 +51,7 @@ def test_verbose_keeps_the_libraries_on_the_terminal(tmp_path, tiny_model_dir, r
     proc = _finetune(tmp_path, tiny_model_dir, rows, "child", "--verbose")
     assert proc.returncode == 0, proc.stderr
     assert "FutureWarning" in proc.stderr and "Loading weights" in proc.stderr
-    assert "finetune done in" in proc.stderr and "FutureWarning" in (tmp_path / "run.log").read_text()
+    assert "finetune done in" in proc.stderr and "FutureWarning" in (tmp_path / "child" / "run.log").read_text()
 
 
 def test_durations_read_as_a_person_would_say_them():

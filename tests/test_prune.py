@@ -185,7 +185,7 @@ def _bad_calibration(tmp_path: Path, kind: str) -> str:
     (["--model", "smollm9-unknown", "--num-layers", "1", "--layers", "0:1"], "built-in alias"),
     (["--num-layers", "6", "--calibration", "CAL"], "smaller than the model's 6 layers"),
     (["--num-layers", "0", "--calibration", "CAL"], "at least 1"),
-    (["--layers", "5:8"], "out of bounds"),
+    (["--layers", "5:8"], "END 8 is past the model's 6 layers"),
     (["--num-layers", "2", "--calibration", "EMPTY"], "no usable rows"),
     (["--num-layers", "2", "--calibration", "BADJSON"], "BADJSON:2: invalid JSON"),
     (["--num-layers", "2", "--calibration", "BADUTF8"], "BADUTF8:1: line is not valid UTF-8"),

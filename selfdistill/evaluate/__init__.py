@@ -54,6 +54,8 @@ class EvalConfig:
     tensor_parallel_size: int = opt(1, "vllm: GPUs per replica (replicas = launched processes / this)")
     bootstrap_iters: int = opt(2000, "paired bootstrap draws for retention differences")
     cache: bool = opt(True, "reuse cached scores of a model with the same hash and settings")
+    allow_pickle: bool = opt(False, "allow models whose weights are pickle (.bin) files: their tensors load with "
+                                    "torch's weights_only=True", keyed=False)
     out: str = opt("runs/evaluate", "output folder")
     overwrite: bool = opt(False, "write into an existing --out that evaluate did not write", keyed=False)
 
@@ -138,7 +140,7 @@ def _run_task(name: str, path: str, cfg: EvalConfig, settings: dict[str, Any], t
     if not lm:
         lm.append(make_lm(name, path, backend=settings["backend"], dtype=settings["dtype"], device=device,
                           batch_size=cfg.batch_size, max_length=None, tensor_parallel_size=cfg.tensor_parallel_size,
-                          softmax_dtype=cfg.softmax_dtype))
+                          softmax_dtype=cfg.softmax_dtype, allow_pickle=cfg.allow_pickle))
     if task not in tasks["loaded"]:  # built on first use and kept for the next model (building takes seconds)
         tasks["loaded"][task] = load_tasks({task: spec}, tasks["tm"], limit=cfg.limit, seed=cfg.seed,
                                            selection=cfg.selection)
@@ -235,16 +237,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         log.info("rank %s: the vLLM backend evaluates in rank 0, on every GPU of the launch", os.environ["RANK"])
         return {"rank": int(os.environ["RANK"])}
     specs = select_tasks(cfg.preset, cfg.tasks)
+    # The models first: a missing or unsafe model is the user's own error, named before the data folder is.
+    names = list(dict.fromkeys(([cfg.baseline] if cfg.baseline else []) + list(cfg.model)))
+    paths = {n: resolve_model(n) for n in names}
+    for path in paths.values():
+        check_safe_weights(path, cfg.allow_pickle)  # lm-eval's own loaders (data parallel, vLLM) skip load_model's
     data_dir = default_data_dir(cfg.data_dir)
-    check_data_dir(data_dir, specs)
+    check_data_dir(data_dir, specs)  # only the files the chosen tasks read: hub tasks run without a data folder
     if all(s.local for s in specs.values()):  # local tasks never need the hub; fail fast instead of hanging
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    names = list(dict.fromkeys(([cfg.baseline] if cfg.baseline else []) + list(cfg.model)))
-    paths = {n: resolve_model(n) for n in names}  # fails early, naming the model
     backend = resolve_backend(cfg.backend, cfg.preset, paths)  # before any model loads
-    for path in paths.values():
-        check_safe_weights(path)  # lm-eval's own loaders (data parallel, vLLM) would skip load_model's check
     with claim_output(cfg.out, "evaluate", folder=True, overwrite=cfg.overwrite) as claim:
         claim.commit()  # results/ fills model by model: the record says whose folder it is meanwhile
         return _evaluate_all(cfg, specs, data_dir, names, paths, backend, started)

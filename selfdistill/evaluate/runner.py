@@ -77,13 +77,14 @@ def resolve_backend(backend: str, preset: str, paths: dict[str, str]) -> str:
 
 
 def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batch_size: int,
-            max_length: int | None, tensor_parallel_size: int = 1, softmax_dtype: str = "float32") -> Any:
+            max_length: int | None, tensor_parallel_size: int = 1, softmax_dtype: str = "float32",
+            allow_pickle: bool = False) -> Any:
     """An lm-eval LM: HFLM (or our shared-context subclass) wrapping our loaded model, or lm-eval's vLLM.
 
     `softmax_dtype` "model" leaves HFLM's default (the logits' dtype); vLLM computes its own log-probs."""
     from selfdistill.models import check_safe_weights
 
-    check_safe_weights(path)  # lm-eval loads `path` itself below (vLLM, data parallel): same refusal as ours
+    check_safe_weights(path, allow_pickle)  # lm-eval loads `path` itself below (vLLM, data parallel): same refusal
     if backend == "vllm":
         try:
             from lm_eval.models.vllm_causallms import VLLM
@@ -109,7 +110,7 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
     from selfdistill.models import load_model
 
     try:
-        model, tok = load_model(name, dtype=dtype, device=device)
+        model, tok = load_model(name, dtype=dtype, device=device, allow_pickle=allow_pickle)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad --model for the user

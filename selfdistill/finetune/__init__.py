@@ -65,7 +65,8 @@ class FinetuneConfig:
     kd_cache_dir: str | None = opt(None, "KD cache folder (default: beside the data, named by answers, k and T)")
     logging_steps: int = opt(1, "log the loss every N optimizer steps")
     report_to: list[str] = opt([], "extra loggers: tensorboard, wandb (train_log.jsonl is always written)")
-    allow_pickle: bool = opt(False, "allow loading pickle (.bin) checkpoints, which can run code")
+    allow_pickle: bool = opt(False, "allow models whose weights are pickle (.bin) files: their tensors load with "
+                                    "torch's weights_only=True")
     overwrite: bool = opt(False, "replace an existing --out (or OUT.checkpoints/) that finetune did not write",
                           keyed=False)
     restart: bool = opt(False, "--resume: when the checkpoints were made with other settings, start over "

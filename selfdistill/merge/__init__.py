@@ -32,9 +32,14 @@ log = logging.getLogger(__name__)
 
 METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {"slerp": slerp, "linear": lerp}
 
-# Config entries that may differ between two mergeable children (bookkeeping, not shape).
+# Config entries that may differ between two mergeable children (bookkeeping, not shape). `auto_map` names
+# custom code that was not run: both children were loaded as the built-in architecture.
 _IGNORED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "pruned", "removed",
-                        "selfdistill")
+                        "selfdistill", "auto_map")
+# Compared first, so a mismatch is named by the shape that differs (28 vs 26 layers), not by a key that
+# follows from it (layer_types) or one that sorts before it.
+_SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "vocab_size")
 
 Scorer = Callable[[Path], float]
 
@@ -53,6 +58,8 @@ class MergeConfig:
     eval_selection: int = opt(100, "items per task, outside the reported ones, that score each t")
     eval_data_dir: str = opt("", "offline data for the t-grid evaluation (evaluate's --data-dir)")
     dtype: str = opt("float32", "dtype to load, merge and save in: float32 or bfloat16")
+    allow_pickle: bool = opt(False, "allow models whose weights are pickle (.bin) files: their tensors load with "
+                                    "torch's weights_only=True", keyed=False)
     out: str = opt("merged", "output model folder")
     overwrite: bool = opt(False, "replace an existing --out that merge did not write", keyed=False)
 
@@ -98,7 +105,8 @@ def check_compatible(a: Any, b: Any, names: tuple[str, str]) -> None:
         raise UserError(f"cannot merge {names[0]} ({type(a).__name__}) with {names[1]} ({type(b).__name__}): "
                         "different architectures")
     ca, cb = a.config.to_dict(), b.config.to_dict()
-    for key in sorted(k for k in set(ca) | set(cb) if not k.startswith(_IGNORED_CONFIG_KEYS)):
+    rest = sorted(k for k in set(ca) | set(cb) if not k.startswith(_IGNORED_CONFIG_KEYS) and k not in _SHAPE_KEYS)
+    for key in (*_SHAPE_KEYS, *rest):
         if ca.get(key) != cb.get(key):
             raise UserError(f"cannot merge {names[0]} with {names[1]}: config '{key}' differs "
                             f"({ca.get(key)!r} vs {cb.get(key)!r})")
@@ -130,8 +138,8 @@ def merge_state(a: Any, b: Any, method: str, t: float, groups: list[tuple[str, f
 def _load_pair(cfg: MergeConfig) -> tuple[Any, Any, Any]:
     from selfdistill.models import load_model
 
-    a, tok_a = load_model(cfg.models[0], dtype=cfg.dtype)
-    b, tok_b = load_model(cfg.models[1], dtype=cfg.dtype)
+    a, tok_a = load_model(cfg.models[0], dtype=cfg.dtype, allow_pickle=cfg.allow_pickle)
+    b, tok_b = load_model(cfg.models[1], dtype=cfg.dtype, allow_pickle=cfg.allow_pickle)
     check_compatible(a, b, (cfg.models[0], cfg.models[1]))
     if tok_a is not None and tok_b is not None and tok_a.get_vocab() != tok_b.get_vocab():
         raise UserError(f"cannot merge {cfg.models[0]} with {cfg.models[1]}: their tokenizers differ")

@@ -79,7 +79,8 @@ class PruneConfig:
     device: str = opt("auto", "cpu, cuda, or auto")
     split: str = opt("train", "split, for hub datasets")
     on_bad_row: str = opt("fail", "a malformed calibration row: fail or skip")
-    allow_pickle: bool = opt(False, "allow loading pickle (.bin) checkpoints, which can run code")
+    allow_pickle: bool = opt(False, "allow models whose weights are pickle (.bin) files: their tensors load with "
+                                    "torch's weights_only=True")
     trust_remote_code: bool = opt(False, "allow model code from the hub")
     out: str = opt("", "output folder for the pruned model, pruning.json and distances.png")
     overwrite: bool = opt(False, "replace an existing --out that prune did not write", keyed=False)

@@ -33,8 +33,13 @@ def parse_range(text: str, num_layers: int) -> list[int]:
         start, end = int(start_s), int(end_s)
     except ValueError:
         raise UserError(f"--layers must look like START:END (0-based, end-exclusive), not '{text}'") from None
-    if not 0 <= start < end <= num_layers:
-        raise UserError(f"--layers {text} is out of bounds: need 0 <= START < END <= {num_layers}")
+    if start < 0:
+        raise UserError(f"--layers {text}: START must be 0 or more (layers count from 0)")
+    if start >= end:
+        raise UserError(f"--layers {text}: START must be below END (END is exclusive: {start}:{start + 1} "
+                        f"removes layer {start} alone)")
+    if end > num_layers:  # checked again once the model is loaded (before, num_layers is unbounded)
+        raise UserError(f"--layers {text}: END {end} is past the model's {num_layers} layers")
     if end - start >= num_layers:
         raise UserError(f"--layers {text} would remove all {num_layers} layers")
     return list(range(start, end))
