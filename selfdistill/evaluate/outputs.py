@@ -39,7 +39,27 @@ def markdown(scores: dict[str, Any]) -> str:
         where = " over the tasks with signal" if pair.get("over") == "signal" else ""
         notes.append(f"Retention `{pair['a']}` − `{pair['b']}`{where}: {fmt(pair['retention_diff'])} points "
                      f"(paired bootstrap 95 % CI {interval((lo, hi), 1)}, {pair['iters']} draws).")
-    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n" + perplexity_markdown(scores)
+
+
+def perplexity_markdown(scores: dict[str, Any]) -> str:
+    """The language-modelling tasks' perplexities and their retention (parent ppl / child ppl), a table apart."""
+    tasks = scores.get("perplexity_tasks") or []
+    if not tasks:
+        return ""
+    head = ["model"]
+    for t in tasks:
+        head += [f"{t} ({scores['settings']['tasks'][t]['perplexity'].partition(',')[0]})", f"{t} retention (95 % CI)"]
+    rows = []
+    for name, m in scores["models"].items():
+        row = [f"`{name}`"]
+        for t in tasks:
+            ppl, ret = m.get("perplexity", {}).get(t, {}), m.get("perplexity_retention", {}).get(t)
+            row += [fmt(ppl.get("value"), 2), f"{fmt(ret['retention'])} ({interval(ret['ci95'], 1)})" if ret else MISSING]
+        rows.append(row)
+    note = ("Perplexity (lower is better) over the documents scored; retention = parent perplexity / model perplexity "
+            "× 100, with a paired bootstrap interval over documents. It is not averaged into the accuracy retention.")
+    return "\n" + "\n".join(markdown_table(head, rows)) + "\n\n" + note + "\n"
 
 
 def write_markdown(scores: dict[str, Any], path: Path) -> None:

@@ -1,0 +1,153 @@
+"""The language-modelling tasks (LAMBADA, WikiText-2): our local tasks give lm-eval's own `lambada_openai`
+and `wikitext` scores on the same documents, with either backend; perplexity retention; bad files."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfdistill.cli import main
+from selfdistill.evaluate import EvalConfig, evaluate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import save_tiny  # noqa: E402
+
+LAMBADA_ROWS = 6
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFDISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def _articles(data_dir: Path, n: int = 3, lines_each: int = 4) -> list[list[str]]:
+    """The first `n` articles of the real WikiText-2 test file, each cut to its heading and a few lines
+    (sub-headings such as ' = = Career = = ' included: they must not start a page)."""
+    lines = (data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").split("\n")
+    heads = [i for i, line in enumerate(lines) if line.startswith(" = ") and not line.startswith(" = = ")]
+    return [lines[h:h + 1 + lines_each] for h in heads[:n]]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, data_dir) -> tuple[Path, list[dict], list[dict]]:
+    """A data directory with a few real LAMBADA rows and a short WikiText file (CRLF, as the shared copy),
+    and the documents lm-eval's hub data sets would hold for them (its `text` rows and `page` articles)."""
+    root = tmp_path_factory.mktemp("lmdata")
+    (root / "lambada").mkdir()
+    (root / "wikitext2").mkdir()
+    rows = (data_dir / "lambada" / "lambada_test.jsonl").read_text(encoding="utf-8").splitlines()[:LAMBADA_ROWS]
+    (root / "lambada" / "lambada_test.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    articles = _articles(data_dir)
+    raw = "\r\n".join(line for article in articles for line in article)
+    (root / "wikitext2" / "wiki.test.raw").write_bytes(raw.encode("utf-8"))
+    pages = [{"page": "\n".join(article)} for article in articles]
+    return root, [json.loads(r) for r in rows], pages
+
+
+def _reference(tmp: Path, model_dir: Path, lambada: list[dict], pages: list[dict],
+               samples: dict[str, list[int]] | None = None) -> dict:
+    """lm-eval 0.4.13's own lambada_openai and wikitext task definitions, on the same documents as local
+    JSON files, scored by plain HFLM in fp32."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tasks_dir = Path(lm_eval.__file__).parent / "tasks"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, docs, yaml_path in (("lambada", lambada, "lambada/lambada_openai.yaml"),
+                                  ("wikitext", pages, "wikitext/wikitext.yaml")):
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+        (tmp / f"ref_{name}.yaml").write_text(
+            f"include: {tasks_dir / yaml_path}\ntask: ref_{name}\ntag: []\ndataset_path: json\ndataset_name: null\n"
+            "training_split: null\nvalidation_split: null\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {tmp / f'{name}.jsonl'}\n", encoding="utf-8")
+    lm = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=4, device="cpu")
+    tm = TaskManager(include_path=str(tmp), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["ref_lambada", "ref_wikitext"], task_manager=tm, samples=samples,
+                                  bootstrap_iters=0, log_samples=False)
+    return out["results"]
+
+
+def _ours(tmp: Path, model_dir: Path, data: Path, backend: str, limit: int | None = None) -> tuple[dict, dict]:
+    out = tmp / f"ev-{backend}-{limit}"
+    evaluate(EvalConfig(model=[str(model_dir)], preset="cpu", tasks=["lambada", "wikitext"], data_dir=str(data),
+                        backend=backend, batch_size=4, dtype="float32", limit=limit, out=str(out)))
+    scores = json.loads((out / "scores.json").read_text())
+    full = json.loads(next((out / "results").glob("*.json")).read_text())
+    return scores["models"][str(model_dir)], full
+
+
+@pytest.mark.parametrize("backend", ["shared", "hf"])
+def test_lambada_and_wikitext_equal_lm_evals_own_tasks(tmp_path, tiny_model_dir, small_data, backend):
+    data, lambada, pages = small_data
+    ref = _reference(tmp_path / "ref", tiny_model_dir, lambada, pages)
+    m, _ = _ours(tmp_path, tiny_model_dir, data, backend)
+    assert m["tasks"]["lambada"]["n"] == LAMBADA_ROWS and m["perplexity"]["wikitext"]["n"] == len(pages)
+    assert m["tasks"]["lambada"]["value"] == ref["ref_lambada"]["acc,none"]
+    assert m["perplexity"]["lambada"]["value"] == pytest.approx(ref["ref_lambada"]["perplexity,none"], rel=1e-4)
+    wiki = m["perplexity"]["wikitext"]
+    for key, ours in (("word_perplexity", wiki["value"]), ("byte_perplexity", wiki["byte_perplexity"]),
+                      ("bits_per_byte", wiki["bits_per_byte"])):
+        assert ours == pytest.approx(ref["ref_wikitext"][f"{key},none"], rel=1e-4), key
+    assert "wikitext" not in m["tasks"]  # a perplexity is never an accuracy task
+    assert m["average"] == m["tasks"]["lambada"]["value"]
+
+
+def test_limit_draws_a_seeded_subset_scored_as_lm_eval_scores_it(tmp_path, tiny_model_dir, small_data):
+    data, lambada, pages = small_data
+    m, full = _ours(tmp_path, tiny_model_dir, data, "shared", limit=2)
+    ids = {t: sorted(s["doc_id"] for s in full["samples"][f"sd_{t}"]) for t in ("lambada", "wikitext")}
+    assert len(ids["lambada"]) == 2 and len(ids["wikitext"]) == 2 and m["perplexity"]["wikitext"]["n"] == 2
+    ref = _reference(tmp_path / "ref", tiny_model_dir, lambada, pages,
+                     samples={"ref_lambada": ids["lambada"], "ref_wikitext": ids["wikitext"]})
+    assert m["perplexity"]["lambada"]["value"] == pytest.approx(ref["ref_lambada"]["perplexity,none"], rel=1e-4)
+    assert m["perplexity"]["wikitext"]["value"] == pytest.approx(ref["ref_wikitext"]["word_perplexity,none"], rel=1e-4)
+
+
+def test_perplexity_retention_is_parent_over_child_with_an_interval(tmp_path, tiny_model_dir, small_data):
+    data, _, _ = small_data
+    child = save_tiny(tmp_path / "child", layers=4, seed=1)
+    out = tmp_path / "ev"
+    evaluate(EvalConfig(model=[str(child)], baseline=str(tiny_model_dir), preset="cpu", tasks=["lambada", "wikitext"],
+                        data_dir=str(data), batch_size=4, dtype="float32", bootstrap_iters=300, out=str(out)))
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["tasks"] == ["lambada"] and scores["perplexity_tasks"] == ["lambada", "wikitext"]
+    parent, kid = scores["models"][str(tiny_model_dir)], scores["models"][str(child)]
+    for t in ("lambada", "wikitext"):
+        ret = kid["perplexity_retention"][t]
+        expected = parent["perplexity"][t]["value"] / kid["perplexity"][t]["value"] * 100
+        assert ret["retention"] == pytest.approx(expected, rel=1e-9)
+        lo, hi = ret["ci95"]
+        assert lo <= ret["retention"] <= hi and lo < hi and math.isfinite(lo)
+        assert parent["perplexity_retention"][t]["retention"] == pytest.approx(100)
+    # the accuracy retention stays the accuracy tasks' own (LAMBADA's last-word accuracy only here)
+    assert kid["retention_ci95"] is not None and "perplexity" in (out / "scores.md").read_text()
+
+
+@pytest.mark.parametrize(("which", "content", "message"), [
+    ("lambada", '{"text": "one two three"}\n{"txt": "no text field"}\n', "lambada_test.jsonl:2: field 'text'"),
+    ("lambada", '{"text": "one two"}\nnot json\n', "lambada_test.jsonl:2: not a JSON object"),
+    ("wikitext", "just some text\r\nwithout any heading\r\n", "wiki.test.raw: no article heading"),
+    ("wikitext", None, "wiki.test.raw is missing"),
+])
+def test_a_missing_or_malformed_file_is_one_line_before_anything_is_written(tmp_path, tiny_model_dir, small_data,
+                                                                            capsys, which, content, message):
+    data = tmp_path / "data"
+    shutil.copytree(small_data[0], data)
+    target = data / ("lambada/lambada_test.jsonl" if which == "lambada" else "wikitext2/wiki.test.raw")
+    if content is None:
+        target.unlink()
+    else:
+        target.write_text(content, encoding="utf-8")
+    out = tmp_path / "out"
+    code = main(["evaluate", "--model", str(tiny_model_dir), "--tasks", "lambada", "wikitext", "--data-dir", str(data),
+                 "--dtype", "float32", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("selfdistill: error: ") and message in err[-1], err
+    assert not out.exists()
