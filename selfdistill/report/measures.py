@@ -1,6 +1,6 @@
 """Report sections for what is measured beside accuracy: pruning's held-out check and drift with intervals.
 
-Kept apart from report.py (which lays out the page) so each stays small; both read only stage outputs.
+Kept apart from report/__init__.py (which lays out the page) so each stays small; both read only stage outputs.
 """
 
 from __future__ import annotations
