@@ -15,9 +15,8 @@ from selfdistill.cli import main
 from selfdistill.evaluate import EvalConfig, evaluate
 
 sys.path.insert(0, str(Path(__file__).parent))
+from lm_data import LAMBADA_ROWS, write_small_lm_data  # noqa: E402
 from tiny import save_tiny  # noqa: E402
-
-LAMBADA_ROWS = 6
 
 
 @pytest.fixture(autouse=True)
@@ -26,28 +25,11 @@ def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-def _articles(data_dir: Path, n: int = 3, lines_each: int = 4) -> list[list[str]]:
-    """The first `n` articles of the real WikiText-2 test file, each cut to its heading and a few lines
-    (sub-headings such as ' = = Career = = ' included: they must not start a page)."""
-    lines = (data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").split("\n")
-    heads = [i for i, line in enumerate(lines) if line.startswith(" = ") and not line.startswith(" = = ")]
-    return [lines[h:h + 1 + lines_each] for h in heads[:n]]
-
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, data_dir) -> tuple[Path, list[dict], list[dict]]:
-    """A data directory with a few real LAMBADA rows and a short WikiText file (CRLF, as the shared copy),
-    and the documents lm-eval's hub data sets would hold for them (its `text` rows and `page` articles)."""
     root = tmp_path_factory.mktemp("lmdata")
-    (root / "lambada").mkdir()
-    (root / "wikitext2").mkdir()
-    rows = (data_dir / "lambada" / "lambada_test.jsonl").read_text(encoding="utf-8").splitlines()[:LAMBADA_ROWS]
-    (root / "lambada" / "lambada_test.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    articles = _articles(data_dir)
-    raw = "\r\n".join(line for article in articles for line in article)
-    (root / "wikitext2" / "wiki.test.raw").write_bytes(raw.encode("utf-8"))
-    pages = [{"page": "\n".join(article)} for article in articles]
-    return root, [json.loads(r) for r in rows], pages
+    lambada, pages = write_small_lm_data(root, data_dir)
+    return root, lambada, pages
 
 
 def _reference(tmp: Path, model_dir: Path, lambada: list[dict], pages: list[dict],

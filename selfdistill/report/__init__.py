@@ -19,8 +19,15 @@ from selfdistill.errors import UserError
 from selfdistill.evaluate.outputs import distinct_pairs
 from selfdistill.guard import claim_output
 from selfdistill.report.curves import size_blocks
-from selfdistill.report.measures import Block, drift_blocks, first_drift_set, pruning_check_blocks
+from selfdistill.report.measures import (
+    Block,
+    drift_blocks,
+    first_drift_set,
+    perplexity_blocks,
+    pruning_check_blocks,
+)
 from selfdistill.report.plots import cost_plot, retention_plot
+from selfdistill.report.progress import evaluated_children, missing_message, stage_progress
 from selfdistill.report.render import to_html, to_markdown
 from selfdistill.rundir import atomic_write_text, read_manifest
 from selfdistill.stages import distill_dirs, stage_dir, stage_output
@@ -32,6 +39,8 @@ class ReportConfig:
     run_dir: str = opt("", "the run directory written by `selfdistill run`")
     out: str = opt("", "output folder (default: RUN_DIR/report)")
     overwrite: bool = opt(False, "write into an existing --out that report did not write", keyed=False)
+    partial: bool = opt(False, "report what is finished even when no child has been evaluated yet (otherwise: "
+                               "an error naming the incomplete stages)")
 
     POSITIONAL = "run_dir"
 
@@ -185,6 +194,8 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
     if not (run / "config.yaml").is_file() and not any(read_manifest(p) for p in run.iterdir() if p.is_dir()):
         raise UserError(f"{run} is not a run directory (no config.yaml and no stage folder with a manifest.json); "
                         "give the run_dir of `selfdistill run`")
+    if not cfg.partial and evaluated_children(run) == 0:  # a page of zero models would read like a result
+        raise UserError(missing_message(run))
     out = Path(cfg.out) if cfg.out else stage_dir(run, "report")
     with claim_output(out, "report", folder=True, overwrite=cfg.overwrite) as claim:
         claim.commit()
@@ -197,6 +208,9 @@ def _report(run: Path, out: Path) -> dict[str, Any]:
     headers, rows, scores = _model_rows(run)
     blocks: list[Block] = [("h1", f"selfdistill report: {run.name}"),
                            ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {run}.")]
+    _, incomplete = stage_progress(run)
+    if incomplete:
+        blocks.append(("p", f"**Partial report**: incomplete stages: {', '.join(incomplete)}."))
     blocks += _pruning_blocks(run) + _distill_blocks(run)
     if rows:
         settings = scores.get("settings", {})
@@ -206,6 +220,7 @@ def _report(run: Path, out: Path) -> dict[str, Any]:
             f"chance (left out of 'retention (signal)'). Evaluation: preset {settings.get('preset', '?')}, "
             f"harness {settings.get('harness', '?')}, "
             f"{settings.get('subset', '')}."))]
+        blocks += perplexity_blocks(scores, _label)
         blocks += _plots(run, out, scores) + size_blocks(run, out, scores, stage_dir(run, "prune").name, _label)
         blocks += _comparison_blocks(scores) + drift_blocks(run)
     # Cost and drafts do not need the evaluation: they show as soon as their stages have run.
