@@ -133,3 +133,35 @@ def test_a_missing_or_malformed_file_is_one_line_before_anything_is_written(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("selfdistill: error: ") and message in err[-1], err
     assert not out.exists()
+
+
+def test_rolling_windows_per_forward_are_bounded_and_scores_unchanged(tmp_path, tiny_model_dir, small_data,
+                                                                      monkeypatch):
+    """A real model's 8,192-token windows at --batch-size 16 would need tens of GB of logits; the stage scores
+    at most ROLLING_TOKENS window tokens per forward, with the same perplexities."""
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    from selfdistill.evaluate import runner
+
+    widths: list[tuple[int, int]] = []
+    forward = LlamaForCausalLM.forward
+
+    def recording(self, input_ids=None, **kwargs):
+        widths.append(tuple(input_ids.shape))
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", recording)
+
+    def wikitext(tokens: int) -> tuple[float, int]:
+        monkeypatch.setattr(runner, "ROLLING_TOKENS", tokens)
+        widths.clear()
+        out = tmp_path / f"ev{tokens}"
+        evaluate(EvalConfig(model=[str(tiny_model_dir)], preset="cpu", tasks=["wikitext"], data_dir=str(small_data[0]),
+                            backend="hf", batch_size=4, dtype="float32", cache=False, out=str(out)))
+        scores = json.loads((out / "scores.json").read_text())
+        return scores["models"][str(tiny_model_dir)]["perplexity"]["wikitext"]["value"], max(b for b, _ in widths)
+
+    wide, wide_batch = wikitext(8192)  # the tiny model's 512-token windows: --batch-size 4 of them per forward
+    narrow, narrow_batch = wikitext(512)
+    assert wide_batch == 4 and narrow_batch == 1
+    assert narrow == pytest.approx(wide, rel=1e-5)

@@ -30,7 +30,7 @@ def markdown(scores: dict[str, Any]) -> str:
     lines = markdown_table(head, rows)
     metrics = ", ".join(f"{t}: {scores['settings']['tasks'][t]['metric']} ({scores['settings']['tasks'][t]['shots']}-shot)"
                         for t in tasks)
-    notes = [f"Scores in % (± one standard error over {scores['settings']['subset']}). Metrics: {metrics}."]
+    notes = [f"Scores in % (± one standard error over {scores['settings']['subset']}). Metrics: {metrics}."] if tasks else []
     if flagged:
         notes.append(f"⚠ parent within two standard errors of chance: {', '.join(sorted(flagged))}; "
                      "'retention (signal)' leaves these out.")
