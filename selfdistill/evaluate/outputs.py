@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.rundir import atomic_path, atomic_write_text
-from selfdistill.tables import MISSING, fmt, interval, markdown_table
+from selfdistill.tables import MISSING, fmt, fmt_perplexity, interval, markdown_table
 
 
 def distinct_pairs(scores: dict[str, Any]) -> list[dict[str, Any]]:
@@ -55,7 +55,7 @@ def perplexity_markdown(scores: dict[str, Any]) -> str:
         row = [f"`{name}`"]
         for t in tasks:
             ppl, ret = m.get("perplexity", {}).get(t, {}), m.get("perplexity_retention", {}).get(t)
-            row += [fmt(ppl.get("value"), 2), f"{fmt(ret['retention'])} ({interval(ret['ci95'], 1)})" if ret else MISSING]
+            row += [fmt_perplexity(ppl.get("value")), f"{fmt(ret['retention'])} ({interval(ret['ci95'], 1)})" if ret else MISSING]
         rows.append(row)
     note = ("Perplexity (lower is better) over the documents scored; retention = parent perplexity / model perplexity "
             "× 100, with a paired bootstrap interval over documents. It is not averaged into the accuracy retention.")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.stages import stage_output
-from selfdistill.tables import fmt, interval
+from selfdistill.tables import fmt, fmt_perplexity, interval
 
 Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", path, alt)
 
@@ -90,7 +90,7 @@ def perplexity_blocks(scores: dict[str, Any], label: Any) -> list[Block]:
         for t in tasks:
             ppl = (m.get("perplexity") or {}).get(t) or {}
             ret = (m.get("perplexity_retention") or {}).get(t) or {}
-            row += [fmt(ppl.get("value"), 2), fmt(ret.get("retention")),
+            row += [fmt_perplexity(ppl.get("value")), fmt(ret.get("retention")),
                     interval(ret.get("ci95"), 1) if name != scores.get("baseline") else "–"]
         rows.append(row)
     n_docs = ", ".join(f"{t}: {next(iter(scores['models'].values()))['perplexity'][t].get('n')} documents"

@@ -41,7 +41,9 @@ def stage_progress(run: Path) -> tuple[list[str], list[str]]:
     """(finished, incomplete) stage folders of the run; incomplete names a folder that started and did not
     finish, or a stage every run has whose folder does not exist yet ("not started")."""
     finished, incomplete = [], []
-    folders = {p.name: p for p in sorted(run.iterdir()) if p.is_dir() and p.name != BY_NAME["report"].folder}
+    # A fine-tuning arm's OUT.checkpoints/ (kept with keep_checkpoints) is part of its arm, not a stage.
+    folders = {p.name: p for p in sorted(run.iterdir())
+               if p.is_dir() and p.name != BY_NAME["report"].folder and not p.name.endswith(".checkpoints")}
     for name, folder in folders.items():
         if _finished(folder):
             finished.append(name)
