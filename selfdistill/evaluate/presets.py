@@ -3,7 +3,7 @@
 `openllm-v1` is the Open LLM Leaderboard v1 suite with lm-eval's built-in (hub) tasks;
 `openllm-v1-local` is the same suite on the offline copies (task YAMLs in `tasks/`); `cpu` is the
 local suite plus ARC-Easy on fixed, seeded subsets sized so one 135M model takes <= 10 min on
-2 cores (measurements in docs/evaluate.md).
+2 cores before the language-modelling tasks, which add about as much again (docs/evaluate.md).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ _CPU = {
 }
 # General language-model damage, in both local presets, 0-shot as lm-eval defines them: LAMBADA's last-word
 # accuracy joins the accuracy tasks; the perplexities get their own retention (evaluate/perplexity.py). `cpu`
-# sizes: LAMBADA items hold ~90 tokens, one request each; a WikiText article holds ~4,700 tokens on average,
-# so 20 of the 62 (seeded) cost about as much as 1,000 LAMBADA items.
+# sizes: a LAMBADA item holds ~82 SmolLM2 tokens, one request each; a WikiText article ~4,700 on average, so the
+# seeded 20 of the 62 are 78,781 tokens (22 windows of 8,192), together about 12 CPU-minutes (docs/evaluate.md).
 _LM = {"lambada": ("acc,none", "perplexity,none", 500), "wikitext": ("", "word_perplexity,none", 20)}
 
 PRESETS: dict[str, dict[str, TaskSpec]] = {
