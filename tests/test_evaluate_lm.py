@@ -52,8 +52,8 @@ def _reference(tmp: Path, model_dir: Path, lambada: list[dict], pages: list[dict
     lm = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=4, device="cpu")
     tm = TaskManager(include_path=str(tmp), include_defaults=False)
     out = lm_eval.simple_evaluate(model=lm, tasks=["ref_lambada", "ref_wikitext"], task_manager=tm, samples=samples,
-                                  bootstrap_iters=0, log_samples=False)
-    return out["results"]
+                                  bootstrap_iters=0, log_samples=True)
+    return out["results"] | {"samples": out["samples"]}
 
 
 def _ours(tmp: Path, model_dir: Path, data: Path, backend: str, limit: int | None = None) -> tuple[dict, dict]:
@@ -65,11 +65,18 @@ def _ours(tmp: Path, model_dir: Path, data: Path, backend: str, limit: int | Non
     return scores["models"][str(model_dir)], full
 
 
+def _flat(resp: object) -> list[float]:
+    """A logged response ([[ll, is_greedy]] or [ll]) as a flat list of numbers."""
+    if isinstance(resp, list | tuple):
+        return [x for r in resp for x in _flat(r)]
+    return [float(resp)]
+
+
 @pytest.mark.parametrize("backend", ["shared", "hf"])
 def test_lambada_and_wikitext_equal_lm_evals_own_tasks(tmp_path, tiny_model_dir, small_data, backend):
     data, lambada, pages = small_data
     ref = _reference(tmp_path / "ref", tiny_model_dir, lambada, pages)
-    m, _ = _ours(tmp_path, tiny_model_dir, data, backend)
+    m, full = _ours(tmp_path, tiny_model_dir, data, backend)
     assert m["tasks"]["lambada"]["n"] == LAMBADA_ROWS and m["perplexity"]["wikitext"]["n"] == len(pages)
     assert m["tasks"]["lambada"]["value"] == ref["ref_lambada"]["acc,none"]
     assert m["perplexity"]["lambada"]["value"] == pytest.approx(ref["ref_lambada"]["perplexity,none"], rel=1e-4)
@@ -77,6 +84,12 @@ def test_lambada_and_wikitext_equal_lm_evals_own_tasks(tmp_path, tiny_model_dir,
     for key, ours in (("word_perplexity", wiki["value"]), ("byte_perplexity", wiki["byte_perplexity"]),
                       ("bits_per_byte", wiki["bits_per_byte"])):
         assert ours == pytest.approx(ref["ref_wikitext"][f"{key},none"], rel=1e-4), key
+    for task in ("lambada", "wikitext"):  # and document by document: the same log-likelihood (and greedy flag)
+        ours = {d["doc_id"]: d["filtered_resps"] for d in full["samples"][f"sd_{task}"]}
+        theirs = {d["doc_id"]: d["filtered_resps"] for d in ref["samples"][f"ref_{task}"]}
+        assert ours.keys() == theirs.keys()
+        for i, resp in theirs.items():
+            assert _flat(ours[i]) == pytest.approx(_flat(resp), rel=1e-5), (task, i)
     assert "wikitext" not in m["tasks"]  # a perplexity is never an accuracy task
     assert m["average"] == m["tasks"]["lambada"]["value"]
 
