@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from selfdistill.evaluate.retention import paired_bootstrap, retention_interval
-from selfdistill.report_plots import cost_plot, retention_plot, retention_points
+from selfdistill.report.plots import cost_plot, retention_plot, retention_points
 
 
 def _docs(values: list[float]) -> dict[str, dict[int, float]]:
@@ -80,7 +80,7 @@ def _study_run(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def test_the_data_size_curve_joins_arms_that_differ_only_in_rows(tmp_path: Path):
-    from selfdistill.report_curves import size_blocks, size_curves
+    from selfdistill.report.curves import size_blocks, size_curves
 
     run, scores = _study_run(tmp_path)
     # sdd-kd (KD) and sdd-self (other data) differ in more than rows: they are on no curve

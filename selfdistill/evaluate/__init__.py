@@ -8,7 +8,6 @@ follows PAPER.md §4 (arXiv 2410.09982); see docs/evaluate.md for presets and th
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import os
@@ -21,10 +20,10 @@ from selfdistill.config import opt, to_dict
 from selfdistill.errors import UserError
 from selfdistill.evaluate.drift import drift, drift_many
 from selfdistill.evaluate.presets import PRESETS, TASKS_DIR, TaskSpec, check_data_dir, select_tasks
-from selfdistill.evaluate.retention import paired_bootstrap, per_doc, retention, retention_interval, signal_tasks, task_score
+from selfdistill.evaluate.scores import score_models
 from selfdistill.paths import default_data_dir
 
-__all__ = ["EvalConfig", "evaluate", "drift", "drift_many", "PRESETS"]
+__all__ = ["EvalConfig", "evaluate", "drift", "drift_many", "score_models", "PRESETS"]
 log = logging.getLogger(__name__)
 
 
@@ -161,58 +160,6 @@ def _merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
             else:
                 merged.setdefault(key, value)
     return merged
-
-
-def _task_samples(res: dict[str, Any], task: str) -> list[dict[str, Any]]:
-    """Logged samples of a task, or of all leaves of a group (mmlu: groups of subjects), each doc id
-    prefixed with its leaf ("<leaf>/<doc_id>"): every leaf numbers its documents from 0."""
-    samples = res.get("samples", {})
-    if task in samples:
-        return samples[task]
-    out = []
-    for child in res.get("group_subtasks", {}).get(task, []):
-        if child in samples:
-            out.extend(s | {"doc_id": f"{child}/{s['doc_id']}"} for s in samples[child])
-        else:  # a sub-group: its leaves are already prefixed
-            out.extend(_task_samples(res, child))
-    return out
-
-
-def score_models(raw: dict[str, dict[str, Any]], specs: dict[str, TaskSpec], baseline: str | None,
-                 bootstrap_iters: int, seed: int) -> dict[str, Any]:
-    """scores.json body (without settings): per-model task scores, retention, pairwise intervals."""
-    models: dict[str, Any] = {}
-    docs: dict[str, dict[str, dict[Any, float]]] = {}
-    for name, res in raw.items():
-        tasks = {t: task_score(_task_samples(res, s.task), s.metric) for t, s in specs.items()}
-        for t in tasks:  # per model too, so a run without a baseline still shows which tasks carry signal
-            tasks[t]["at_chance"] = t not in signal_tasks({t: tasks[t]})
-        docs[name] = {t: per_doc(_task_samples(res, s.task), s.metric) for t, s in specs.items()}
-        vals = [v["value"] for v in tasks.values()]
-        models[name] = {"tasks": tasks, "average": sum(vals) / len(vals) if vals else float("nan")}
-    out: dict[str, Any] = {"models": models, "tasks": list(specs), "baseline": baseline, "pairwise": []}
-    if baseline is None:
-        return out
-    parent = models[baseline]["tasks"]
-    signal = signal_tasks(parent)
-    out["chance_tasks"] = [t for t in specs if t not in signal]
-    out["signal_tasks"] = signal
-    for name, m in models.items():
-        full, sig = retention(m["tasks"], parent), retention(m["tasks"], parent, signal)
-        m.update(retention=full["retention"], chance_corrected_retention=full["chance_corrected_retention"],
-                 per_task_ratio=full["per_task_ratio"], per_task_chance_corrected=full["per_task_chance_corrected"],
-                 retention_signal=sig["retention"], chance_corrected_retention_signal=sig["chance_corrected_retention"])
-        if name != baseline:  # the interval a plot's error bar shows: the child's items against the parent's
-            for key, tasks in (("retention_ci95", list(specs)), ("retention_signal_ci95", signal)):
-                m[key] = retention_interval({t: docs[name][t] for t in tasks}, {t: docs[baseline][t] for t in tasks},
-                                            iters=bootstrap_iters, seed=seed)
-    children = [n for n in models if n != baseline]
-    for a, b in itertools.combinations(children, 2):
-        for which, tasks in (("all", list(specs)), ("signal", signal)):
-            a_docs, b_docs, p_docs = ({t: docs[n][t] for t in tasks} for n in (a, b, baseline))
-            ci = paired_bootstrap(a_docs, b_docs, p_docs, iters=bootstrap_iters, seed=seed)
-            out["pairwise"].append({"a": a, "b": b, "over": which, **ci})
-    return out
 
 
 def _finite(x: Any) -> Any:

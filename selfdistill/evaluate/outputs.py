@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.rundir import atomic_path, atomic_write_text
-from selfdistill.tables import MISSING, fmt, interval, markdown_table
+from selfdistill.tables import MISSING, fmt, fmt_perplexity, interval, markdown_table
 
 
 def distinct_pairs(scores: dict[str, Any]) -> list[dict[str, Any]]:
@@ -30,7 +30,7 @@ def markdown(scores: dict[str, Any]) -> str:
     lines = markdown_table(head, rows)
     metrics = ", ".join(f"{t}: {scores['settings']['tasks'][t]['metric']} ({scores['settings']['tasks'][t]['shots']}-shot)"
                         for t in tasks)
-    notes = [f"Scores in % (± one standard error over {scores['settings']['subset']}). Metrics: {metrics}."]
+    notes = [f"Scores in % (± one standard error over {scores['settings']['subset']}). Metrics: {metrics}."] if tasks else []
     if flagged:
         notes.append(f"⚠ parent within two standard errors of chance: {', '.join(sorted(flagged))}; "
                      "'retention (signal)' leaves these out.")
@@ -39,7 +39,27 @@ def markdown(scores: dict[str, Any]) -> str:
         where = " over the tasks with signal" if pair.get("over") == "signal" else ""
         notes.append(f"Retention `{pair['a']}` − `{pair['b']}`{where}: {fmt(pair['retention_diff'])} points "
                      f"(paired bootstrap 95 % CI {interval((lo, hi), 1)}, {pair['iters']} draws).")
-    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n" + perplexity_markdown(scores)
+
+
+def perplexity_markdown(scores: dict[str, Any]) -> str:
+    """The language-modelling tasks' perplexities and their retention (parent ppl / child ppl), a table apart."""
+    tasks = scores.get("perplexity_tasks") or []
+    if not tasks:
+        return ""
+    head = ["model"]
+    for t in tasks:
+        head += [f"{t} ({scores['settings']['tasks'][t]['perplexity'].partition(',')[0]})", f"{t} retention (95 % CI)"]
+    rows = []
+    for name, m in scores["models"].items():
+        row = [f"`{name}`"]
+        for t in tasks:
+            ppl, ret = m.get("perplexity", {}).get(t, {}), m.get("perplexity_retention", {}).get(t)
+            row += [fmt_perplexity(ppl.get("value")), f"{fmt(ret['retention'])} ({interval(ret['ci95'], 1)})" if ret else MISSING]
+        rows.append(row)
+    note = ("Perplexity (lower is better) over the documents scored; retention = parent perplexity / model perplexity "
+            "× 100, with a paired bootstrap interval over documents. It is not averaged into the accuracy retention.")
+    return "\n" + "\n".join(markdown_table(head, rows)) + "\n\n" + note + "\n"
 
 
 def write_markdown(scores: dict[str, Any], path: Path) -> None:

@@ -3,7 +3,7 @@
 `openllm-v1` is the Open LLM Leaderboard v1 suite with lm-eval's built-in (hub) tasks;
 `openllm-v1-local` is the same suite on the offline copies (task YAMLs in `tasks/`); `cpu` is the
 local suite plus ARC-Easy on fixed, seeded subsets sized so one 135M model takes <= 10 min on
-2 cores (measurements in docs/evaluate.md).
+2 cores before the language-modelling tasks, which add about as much again (docs/evaluate.md).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 from selfdistill.errors import UserError
+from selfdistill.evaluate.lm_data import LAMBADA, WIKITEXT, lambada_rows, wikitext_pages
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -21,10 +22,11 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 class TaskSpec:
     task: str                 # lm-eval task name
     shots: int                # few-shot examples
-    metric: str               # lm-eval result key, "metric,filter"
+    metric: str               # lm-eval result key, "metric,filter" ("": no accuracy, a perplexity task only)
     size: int | None = None   # seeded subset size (None: the whole split)
     files: tuple[str, ...] = ()  # files the task reads under the data directory
     local: bool = True        # True: one of our YAMLs in tasks/; False: lm-eval's built-in (hub data)
+    perplexity: str = ""      # lm-eval's perplexity key of a language-modelling task ("": none)
 
 
 _FILES = {
@@ -35,6 +37,8 @@ _FILES = {
     "truthfulqa_mc2": ("truthfulqa/v1/mc_task.json",),
     "winogrande": ("winogrande/dev.jsonl", "winogrande/train_l.jsonl"),
     "gsm8k": ("gsm8k/test.jsonl", "gsm8k/train.jsonl"),
+    "lambada": (LAMBADA,),
+    "wikitext": (WIKITEXT,),
 }
 # Leaderboard v1 shots and headline metrics (PAPER.md §4).
 _OPENLLM = {
@@ -50,12 +54,29 @@ _CPU = {
     "truthfulqa_mc2": (0, "acc,none", 40), "winogrande": (0, "acc,none", 400),
     "gsm8k": (5, "exact_match,flexible-extract", 30),
 }
+# General language-model damage, in both local presets, 0-shot as lm-eval defines them: LAMBADA's last-word
+# accuracy joins the accuracy tasks; the perplexities get their own retention (evaluate/perplexity.py). `cpu`
+# sizes: a LAMBADA item holds ~82 SmolLM2 tokens, one request each; a WikiText article ~4,700 on average, so the
+# seeded 20 of the 62 are 78,781 tokens (22 windows of 8,192), together about 12 CPU-minutes (docs/evaluate.md).
+_LM = {"lambada": ("acc,none", "perplexity,none", 500), "wikitext": ("", "word_perplexity,none", 20)}
 
 PRESETS: dict[str, dict[str, TaskSpec]] = {
     "openllm-v1": {k: TaskSpec(k, s, m, local=False) for k, (s, m) in _OPENLLM.items()},
-    "openllm-v1-local": {k: TaskSpec(f"sd_{k}", s, m, files=_FILES[k]) for k, (s, m) in _OPENLLM.items()},
-    "cpu": {k: TaskSpec(f"sd_{k}", s, m, n, files=_FILES[k]) for k, (s, m, n) in _CPU.items()},
+    "openllm-v1-local": {k: TaskSpec(f"sd_{k}", s, m, files=_FILES[k]) for k, (s, m) in _OPENLLM.items()}
+    | {k: TaskSpec(f"sd_{k}", 0, m, files=_FILES[k], perplexity=p) for k, (m, p, _) in _LM.items()},
+    "cpu": {k: TaskSpec(f"sd_{k}", s, m, n, files=_FILES[k]) for k, (s, m, n) in _CPU.items()}
+    | {k: TaskSpec(f"sd_{k}", 0, m, n, files=_FILES[k], perplexity=p) for k, (m, p, n) in _LM.items()},
 }
+
+
+def accuracy_tasks(specs: dict[str, TaskSpec]) -> list[str]:
+    """The tasks scored by an accuracy (averaged into retention)."""
+    return [t for t, s in specs.items() if s.metric]
+
+
+def perplexity_tasks(specs: dict[str, TaskSpec]) -> list[str]:
+    """The language-modelling tasks with a perplexity (their own retention, never averaged with accuracy)."""
+    return [t for t, s in specs.items() if s.perplexity]
 
 
 def select_tasks(preset: str, tasks: list[str] | None = None) -> dict[str, TaskSpec]:
@@ -83,6 +104,12 @@ def check_data_dir(data_dir: Path | None, specs: dict[str, TaskSpec]) -> None:
     for rel in needed:
         if not (data_dir / rel).is_file():
             raise UserError(f"--data-dir: {data_dir / rel} is missing (needed by the local tasks)")
+    # The language-modelling files are parsed whole here (a second or less), so a malformed one stops the run
+    # before any output exists, naming the file and row.
+    if any(s.task == "sd_lambada" for s in specs.values()):
+        lambada_rows(data_dir / LAMBADA)
+    if any(s.task == "sd_wikitext" for s in specs.values()):
+        wikitext_pages(data_dir / WIKITEXT)
     if any(s.task == "sd_mmlu" for s in specs.values()):
         tests = sorted(p.name[:-9] for p in (data_dir / "mmlu" / "test").glob("*_test.csv"))
         for subject in tests:

@@ -76,6 +76,30 @@ def resolve_backend(backend: str, preset: str, paths: dict[str, str]) -> str:
     return "shared"
 
 
+# A rolling (perplexity) window is max_length tokens, each of which goes through the LM head: HFLM scores
+# --batch-size windows per forward, whose logits (SmolLM2: 16 x 8192 x 49,152 in fp32) need 26 GB. At most this
+# many window tokens per forward (one window at least) bounds that to about 3 GB for SmolLM2, whatever the
+# batch size of the other tasks; the windows and their log-likelihoods are HFLM's own.
+ROLLING_TOKENS = 8192
+
+
+def bound_rolling_batches(lm: Any) -> Any:
+    """Make `lm` (HFLM or a subclass) score at most ROLLING_TOKENS tokens of rolling windows per forward."""
+    rolling = lm.loglikelihood_rolling
+
+    def bounded(requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        saved = lm.batch_size_per_gpu
+        if isinstance(saved, int):  # "auto" lets HFLM probe its own largest batch
+            lm.batch_size_per_gpu = max(1, min(saved, ROLLING_TOKENS // lm.max_length))
+        try:
+            return rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            lm.batch_size_per_gpu = saved
+
+    lm.loglikelihood_rolling = bounded
+    return lm
+
+
 def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batch_size: int,
             max_length: int | None, tensor_parallel_size: int = 1, softmax_dtype: str = "float32",
             allow_pickle: bool = False) -> Any:
@@ -106,7 +130,8 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
             # Without this, accelerate on CPU sees one process per rank (each rank would evaluate everything)
             # and transformers' loader then probes CUDA and crashes; with it, ranks shard over gloo.
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-        return lm_class(pretrained=path, dtype=dtype, batch_size=batch_size, max_length=max_length, **softmax)
+        return bound_rolling_batches(lm_class(pretrained=path, dtype=dtype, batch_size=batch_size,
+                                              max_length=max_length, **softmax))
     from selfdistill.models import load_model
 
     try:
@@ -115,8 +140,8 @@ def make_lm(name: str, path: str, *, backend: str, dtype: str, device: str, batc
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad --model for the user
         raise UserError(f"--model {name}: cannot be loaded ({type(e).__name__}: {e})") from e
-    return lm_class(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length, device=device,
-                    **softmax)
+    return bound_rolling_batches(lm_class(pretrained=model, tokenizer=tok, batch_size=batch_size,
+                                          max_length=max_length, device=device, **softmax))
 
 
 def load_tasks(specs: dict[str, TaskSpec], tm: Any, *, limit: int | None, seed: int,

@@ -17,11 +17,17 @@ from typing import Any
 
 import datasets
 from lm_eval.tasks.truthfulqa.utils import process_results_mc2  # noqa: F401  (used by the mc2 YAML)
+from lm_eval.tasks.wikitext.preprocess_wikitext import (  # noqa: F401  (used by the wikitext YAML)
+    process_results,
+    wikitext_detokenizer,
+)
 from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401  (used by the winogrande YAML)
     doc_to_choice,
     doc_to_target,
     doc_to_text,
 )
+
+from selfdistill.evaluate.lm_data import LAMBADA, WIKITEXT, lambada_rows, wikitext_pages
 
 
 def _root(kwargs: dict[str, Any]) -> Path:
@@ -142,3 +148,13 @@ def load_gsm8k(**kwargs: Any) -> datasets.DatasetDict:
     root = _root(kwargs) / "gsm8k"
     return datasets.DatasetDict({split: datasets.Dataset.from_list(_jsonl(root / f"{split}.jsonl"))
                                  for split in ("train", "test")})
+
+
+def load_lambada(**kwargs: Any) -> datasets.DatasetDict:
+    """OpenAI's LAMBADA test (`EleutherAI/lambada_openai`, config default: one field `text`)."""
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(lambada_rows(_root(kwargs) / LAMBADA))})
+
+
+def load_wikitext(**kwargs: Any) -> datasets.DatasetDict:
+    """WikiText-2 raw test as `EleutherAI/wikitext_document_level` pages (one field `page`)."""
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(wikitext_pages(_root(kwargs) / WIKITEXT))})

@@ -2,13 +2,12 @@
 
 It only reads what the stages wrote, at the paths the stage table gives (selfdistill/stages.py), so it
 can be rerun at any time, also on a partly finished run: a section whose stage has not run is left out.
-The page is a list of blocks (report_measures.Block) rendered twice, as Markdown and as HTML.
+The page is a list of blocks (report/measures.py `Block`) rendered twice, as Markdown and as HTML
+(report/render.py).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import time
 from dataclasses import dataclass
@@ -19,12 +18,20 @@ from selfdistill.config import opt
 from selfdistill.errors import UserError
 from selfdistill.evaluate.outputs import distinct_pairs
 from selfdistill.guard import claim_output
-from selfdistill.report_curves import size_blocks
-from selfdistill.report_measures import Block, drift_blocks, first_drift_set, pruning_check_blocks
-from selfdistill.report_plots import cost_plot, retention_plot
+from selfdistill.report.curves import size_blocks
+from selfdistill.report.measures import (
+    Block,
+    drift_blocks,
+    first_drift_set,
+    perplexity_blocks,
+    pruning_check_blocks,
+)
+from selfdistill.report.plots import cost_plot, retention_plot
+from selfdistill.report.progress import evaluated_children, missing_message, stage_progress
+from selfdistill.report.render import to_html, to_markdown
 from selfdistill.rundir import atomic_write_text, read_manifest
 from selfdistill.stages import distill_dirs, stage_dir, stage_output
-from selfdistill.tables import MISSING, fmt, interval, markdown_table
+from selfdistill.tables import MISSING, fmt, interval
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class ReportConfig:
     run_dir: str = opt("", "the run directory written by `selfdistill run`")
     out: str = opt("", "output folder (default: RUN_DIR/report)")
     overwrite: bool = opt(False, "write into an existing --out that report did not write", keyed=False)
+    partial: bool = opt(False, "report what is finished even when no child has been evaluated yet (otherwise: "
+                               "an error naming the incomplete stages)")
 
     POSITIONAL = "run_dir"
 
@@ -116,7 +125,7 @@ def _model_rows(run: Path) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
 
 
 def _plots(run: Path, out: Path, scores: dict[str, Any]) -> list[Block]:
-    """Retention per child with its interval, and retention against cost (selfdistill/report_plots.py)."""
+    """Retention per child with its interval, and retention against cost (report/plots.py)."""
     profile = _read(stage_output(run, "profile")) or {}
     flops = {_label(m.get("model", "")): m.get("flops_per_token_paper") for m in profile.get("models", [])}
     to_giga = {k: v * 1e-9 for k, v in flops.items() if v}
@@ -177,51 +186,6 @@ def _stage_times(run: Path) -> list[Block]:
     return [("h2", "Stages"), ("table", ["folder", "stage", "wall time (s)", "started"], rows)] if rows else []
 
 
-def to_markdown(blocks: list[Block], out: Path) -> str:
-    """The blocks as Markdown; images are linked relative to the report folder, which sits in the run dir."""
-    lines = []
-    for b in blocks:
-        if b[0] in ("h1", "h2"):
-            lines += [("# " if b[0] == "h1" else "## ") + b[1], ""]
-        elif b[0] == "p":
-            lines += [b[1], ""]
-        elif b[0] == "table":
-            lines += [*markdown_table(b[1], b[2]), ""]
-        elif b[0] == "img":
-            rel = Path(b[1]).relative_to(out.parent) if Path(b[1]).is_relative_to(out.parent) else Path(b[1])
-            lines += [f"![{b[2]}](../{rel})", ""]
-    return "\n".join(lines)
-
-
-def to_html(blocks: list[Block]) -> str:
-    """The blocks as one self-contained HTML page: images are embedded, so the file can be mailed alone."""
-
-    def md_inline(text: str) -> str:  # the only Markdown the paragraphs use: **bold**
-        escaped = html.escape(text)
-        parts = escaped.split("**")
-        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-
-    body = []
-    for b in blocks:
-        if b[0] in ("h1", "h2"):
-            body.append(f"<{b[0]}>{html.escape(b[1])}</{b[0]}>")
-        elif b[0] == "p":
-            body.append(f"<p>{md_inline(b[1])}</p>")
-        elif b[0] == "table":
-            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b[1])
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif b[0] == "img":
-            data = base64.b64encode(Path(b[1]).read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}"></figure>')
-    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
-             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>selfdistill report</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
-
-
 def report(cfg: ReportConfig) -> dict[str, Any]:
     """Write report.md, report.html (images embedded) and plots for a run directory."""
     run = Path(cfg.run_dir)
@@ -230,6 +194,8 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
     if not (run / "config.yaml").is_file() and not any(read_manifest(p) for p in run.iterdir() if p.is_dir()):
         raise UserError(f"{run} is not a run directory (no config.yaml and no stage folder with a manifest.json); "
                         "give the run_dir of `selfdistill run`")
+    if not cfg.partial and evaluated_children(run) == 0:  # a page of zero models would read like a result
+        raise UserError(missing_message(run))
     out = Path(cfg.out) if cfg.out else stage_dir(run, "report")
     with claim_output(out, "report", folder=True, overwrite=cfg.overwrite) as claim:
         claim.commit()
@@ -242,6 +208,9 @@ def _report(run: Path, out: Path) -> dict[str, Any]:
     headers, rows, scores = _model_rows(run)
     blocks: list[Block] = [("h1", f"selfdistill report: {run.name}"),
                            ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {run}.")]
+    _, incomplete = stage_progress(run)
+    if incomplete:
+        blocks.append(("p", f"**Partial report**: incomplete stages: {', '.join(incomplete)}."))
     blocks += _pruning_blocks(run) + _distill_blocks(run)
     if rows:
         settings = scores.get("settings", {})
@@ -251,6 +220,7 @@ def _report(run: Path, out: Path) -> dict[str, Any]:
             f"chance (left out of 'retention (signal)'). Evaluation: preset {settings.get('preset', '?')}, "
             f"harness {settings.get('harness', '?')}, "
             f"{settings.get('subset', '')}."))]
+        blocks += perplexity_blocks(scores, _label)
         blocks += _plots(run, out, scores) + size_blocks(run, out, scores, stage_dir(run, "prune").name, _label)
         blocks += _comparison_blocks(scores) + drift_blocks(run)
     # Cost and drafts do not need the evaluation: they show as soon as their stages have run.

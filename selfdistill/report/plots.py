@@ -1,5 +1,8 @@
 """The report's two plots: retention per child with its interval, and retention against cost.
 
+Where the evaluation has language-modelling tasks, the retention plot shows each child's perplexity
+retention (parent ppl / child ppl) as its own bar beside the accuracy retention.
+
 Both read the evaluate stage's `scores.json` (each child's retention and its paired-bootstrap 95 %
 interval against the parent) and, for cost, the profile stage's FLOPs per token. A plot is a
 picture of a table the report already prints, so each returns None when there is nothing to draw.
@@ -56,24 +59,54 @@ def error_bars(points: list[tuple[str, float, list[float] | None]]) -> list[list
     return [[v - ci[0] if ci else 0.0 for _, v, ci in points], [ci[1] - v if ci else 0.0 for _, v, ci in points]]
 
 
+def perplexity_points(scores: dict[str, Any], task: str,
+                      label: Any) -> list[tuple[str, float, list[float] | None]]:
+    """(label, perplexity retention, its 95 % interval) of every child on one language-modelling task."""
+    out = []
+    for name, m in scores.get("models", {}).items():
+        ret = (m.get("perplexity_retention") or {}).get(task) or {}
+        if name == scores.get("baseline") or ret.get("retention") is None:
+            continue
+        ci = ret.get("ci95")
+        out.append((label(name), float(ret["retention"]), ci if ci and None not in ci else None))
+    return out
+
+
+def retention_series(scores: dict[str, Any], label: Any) -> list[tuple[str, list[tuple[str, float, Any]]]]:
+    """What the retention plot draws: the accuracy retention, then each perplexity retention beside it (its
+    own bar, never averaged in), as (legend, points) with at least one point."""
+    _, title = retention_key(scores)
+    series = [(f"accuracy {title}", retention_points(scores, label))]
+    series += [(f"{t} perplexity retention", perplexity_points(scores, t, label))
+               for t in scores.get("perplexity_tasks") or []]
+    return [(name, points) for name, points in series if points]
+
+
 def retention_plot(scores: dict[str, Any], out: Path, label: Any) -> Path | None:
-    """Bars of each child's retention with its 95 % interval; the parent is the 100 % line."""
-    points = retention_points(scores, label)
-    if not points:
+    """Bars of each child's retention with its 95 % interval, and beside it each perplexity retention
+    (parent ppl / child ppl); the parent is the 100 % line."""
+    series = retention_series(scores, label)
+    if not series:
         return None
     plt = pyplot()
-    _, title = retention_key(scores)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(points) + 2), 3.2))
-    xs = range(len(points))
-    ax.bar(xs, [v for _, v, _ in points], 0.6, color="#4c72b0", yerr=error_bars(points), capsize=4,
-           error_kw={"elinewidth": 1, "ecolor": "#333333"})
+    children = list(dict.fromkeys(n for _, points in series for n, _, _ in points))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(children) * len(series) ** 0.5 + 2), 3.2))
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
+    top = 105.0
+    for k, (name, points) in enumerate(series):
+        xs = [children.index(n) + (k - (len(series) - 1) / 2) * width for n, _, _ in points]
+        ax.bar(xs, [v for _, v, _ in points], width * 0.9, color=colors[k % len(colors)], yerr=error_bars(points),
+               capsize=3, error_kw={"elinewidth": 1, "ecolor": "#333333"}, label=name if len(series) > 1 else None)
+        top = max(top, *((ci[1] if ci else v) + 5 for _, v, ci in points))
     ax.axhline(100, color="grey", linewidth=0.8, linestyle="--", label="parent")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([n for n, _, _ in points], rotation=30 if len(points) > 4 else 0, ha="right"
-                       if len(points) > 4 else "center", fontsize=8)
+    ax.set_xticks(range(len(children)))
+    ax.set_xticklabels(children, rotation=30 if len(children) > 4 else 0, ha="right"
+                       if len(children) > 4 else "center", fontsize=8)
     ax.set_ylabel("% of parent (95 % interval)")
-    ax.set_ylim(0, max(105, max((ci[1] if ci else v) for _, v, ci in points) + 5))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(0, top)
+    ax.legend(fontsize=7, loc="lower right")
+    title = series[0][0].partition(" ")[2] if len(series) == 1 else "retention: accuracy and perplexity"
     return save_figure(plt, fig, ax, title.capitalize() + " per child", out)
 
 

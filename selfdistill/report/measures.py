@@ -1,6 +1,6 @@
 """Report sections for what is measured beside accuracy: pruning's held-out check and drift with intervals.
 
-Kept apart from report.py (which lays out the page) so each stays small; both read only stage outputs.
+Kept apart from report/__init__.py (which lays out the page) so each stays small; both read only stage outputs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.stages import stage_output
-from selfdistill.tables import fmt, interval
+from selfdistill.tables import fmt, fmt_perplexity, interval
 
 Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", path, alt)
 
@@ -71,3 +71,31 @@ def drift_blocks(run: Path) -> list[Block]:
     return [("h2", "Drift from the parent"), ("p", (
         "KL(parent ‖ child) and top-1 agreement per answer token, teacher-forcing the parent's greedy answers; "
         "bootstrap 95 % intervals over prompts, paired on the same draws for differences."))] + blocks
+
+
+def perplexity_blocks(scores: dict[str, Any], label: Any) -> list[Block]:
+    """The language-modelling tasks: each model's perplexity and its perplexity retention (parent ppl / model
+    ppl × 100) with the bootstrap interval over documents — beside the accuracy retention, never in it."""
+    tasks = scores.get("perplexity_tasks") or []
+    if not tasks:
+        return []
+    metrics = {t: scores.get("settings", {}).get("tasks", {}).get(t, {}).get("perplexity", "perplexity,none")
+               for t in tasks}
+    headers = ["model"]
+    for t in tasks:
+        headers += [f"{t} {metrics[t].partition(',')[0]}", f"{t} retention", "95 % interval"]
+    rows = []
+    for name, m in scores.get("models", {}).items():
+        row = [label(name)]
+        for t in tasks:
+            ppl = (m.get("perplexity") or {}).get(t) or {}
+            ret = (m.get("perplexity_retention") or {}).get(t) or {}
+            row += [fmt_perplexity(ppl.get("value")), fmt(ret.get("retention")),
+                    interval(ret.get("ci95"), 1) if name != scores.get("baseline") else "–"]
+        rows.append(row)
+    n_docs = ", ".join(f"{t}: {next(iter(scores['models'].values()))['perplexity'][t].get('n')} documents"
+                       for t in tasks if scores.get("models"))
+    return [("h2", "Language modelling"), ("p", (
+        "Perplexity (lower is better) of each model; perplexity retention = parent perplexity / model perplexity "
+        f"× 100, with a paired bootstrap 95 % interval over documents ({n_docs}). It is its own measure: the "
+        "accuracy retention above does not include it.")), ("table", headers, rows)]
