@@ -79,6 +79,8 @@ def test_the_whole_loop_writes_every_stage_and_a_report(finished_run):
     assert "<table>" in html and "data:image/png;base64," in html
     md = (run_dir / "report" / "report.md").read_text()
     assert "| sft |" in md and "| sdd |" in md and "Pruning" in md
+    cut_row = next(line for line in md.splitlines() if line.startswith("| pruned-linear |"))
+    assert "| linear |" in cut_row and f"{linear['replacement']['heldout_loss_replaced']:.3f}" in cut_row
 
 
 def test_a_rerun_skips_everything(finished_run, caplog):

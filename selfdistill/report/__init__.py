@@ -21,6 +21,7 @@ from selfdistill.guard import claim_output
 from selfdistill.report.curves import size_blocks
 from selfdistill.report.measures import (
     Block,
+    cuts_blocks,
     drift_blocks,
     first_drift_set,
     perplexity_blocks,
@@ -73,7 +74,7 @@ def _pruning_blocks(run: Path) -> list[Block]:
     heatmap = stage_dir(run, "prune") / "distances.png"  # absent when matplotlib is not installed
     if heatmap.is_file():
         blocks.append(("img", heatmap, "layer distance heatmap"))
-    return blocks + pruning_check_blocks(run)
+    return blocks + pruning_check_blocks(run) + cuts_blocks(run)
 
 
 def _distill_blocks(run: Path) -> list[Block]:

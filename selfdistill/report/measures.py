@@ -19,6 +19,33 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def cuts_blocks(run: Path) -> list[Block]:
+    """With prune variants: every cut of the parent side by side (block, how it was chosen, its repair and
+    the held-out next-token loss of the plain and the repaired cut)."""
+    folders = sorted(run.glob("pruned-*/pruning.json"))
+    if not folders:
+        return []
+    rows = []
+    for path in [stage_output(run, "prune"), *folders]:
+        p = _read(path)
+        if p is None:
+            continue
+        r = p.get("replacement") or {}
+        base = (p.get("heldout_check") or {}).get("base_loss")
+        plain = r.get("heldout_loss_plain")
+        if plain is None and base is not None:  # no repair: the plain cut's loss is the block's check
+            plain = next((base + c["heldout_loss_increase"] for c in p["heldout_check"]["candidates"]
+                          if c["start"] == p["removed_layers"][0]), None)
+        applied = {True: "applied", False: "not applied (raised the loss)"}.get(r.get("applied"), "–")
+        rows.append([path.parent.name, f"{p['removed_layers'][0]}..{p['removed_layers'][-1]}", p["chosen_by"],
+                     r.get("method", "none"), fmt(plain, 3), fmt(r.get("heldout_loss_replaced"), 3),
+                     applied if r else "–", f"{p['layers_after']}", f"{p['parameters']['after']:,}"])
+    return [("p", "The cuts of the parent: block removed, how it was chosen, the repair, and the next-token loss "
+                  "(nats) of the plain and the repaired cut on the held-out calibration rows."),
+            ("table", ["child", "block", "chosen by", "repair", "held-out loss, cut", "held-out loss, repaired",
+                       "repair", "layers", "parameters"], rows)]
+
+
 def pruning_check_blocks(run: Path) -> list[Block]:
     """The best candidate blocks' held-out loss increase, and the warning when the choice looks costly."""
     pruning = _read(stage_output(run, "prune")) or {}
