@@ -118,6 +118,20 @@ def test_linear_and_cosine_children_are_plain_checkpoints_that_keep_their_measur
         assert record["fit"]["cosine_steps"] == 20 and len(record["fit"]["cosine_loss_curve"]) >= 2
 
 
+def test_ffn_schedule_spans_exactly_the_steps_taken_over_several_shards(tmp_path, tiny_model_dir, monkeypatch):
+    """The learning rate decays to 10 % at the last step, however the cached tokens fall into shards."""
+    import selfdistill.prune.replace_ffn as ffn
+
+    monkeypatch.setattr(ffn, "SHARD_TOKENS", 100)
+    monkeypatch.setattr(ffn, "BATCH_TOKENS", 1000)  # one batch per shard
+    prune(PruneConfig(model=str(tiny_model_dir), layers="2:4", calibration=str(_texts(tmp_path, n=16)),
+                      calibration_samples=10, heldout_samples=6, max_length=40, batch_size=3, replace="ffn",
+                      replace_epochs=2, out=str(tmp_path / "f")))
+    fit = json.loads((tmp_path / "f" / "pruning.json").read_text())["replacement"]["fit"]
+    assert fit["shards"] > 2
+    assert fit["final_lr"] == pytest.approx(0.1 * fit["lr"], rel=1e-6)
+
+
 def test_ffn_child_reloads_with_from_pretrained_and_matches_the_trained_stand_in(tmp_path):
     """Block 2..3 = a layer with no attention, then a pass-through layer: exactly what the ffn stand-in can
     represent. The plain cut loses that MLP; the ffn child keeps it, reloads with the model's own class,

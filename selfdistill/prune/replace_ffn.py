@@ -100,8 +100,9 @@ def train_ffn(model: Any, batches: list[Batch], start: int, n: int, s: RepairSet
         shards = write_shards(model, batches, start, n, s, cache)
         layer = streamline_layer(model, start).to(device)
         params = _trainable(layer)
-        tokens = sum(int(load_file(str(p))["h"].shape[0]) for p in shards)
-        steps = max(1, s.epochs * math.ceil(tokens / BATCH_TOKENS))
+        sizes = [int(load_file(str(p))["h"].shape[0]) for p in shards]
+        tokens = sum(sizes)
+        steps = max(1, s.epochs * sum(math.ceil(n / BATCH_TOKENS) for n in sizes))  # batches never span shards
         opt = torch.optim.AdamW(params, lr=learning_rate(s), weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
         gen = torch.Generator().manual_seed(s.seed)
@@ -127,6 +128,7 @@ def train_ffn(model: Any, batches: list[Batch], start: int, n: int, s: RepairSet
     for p in layer.parameters():
         p.requires_grad_(False)
     info = {"tokens": tokens, "epochs": s.epochs, "steps": steps, "lr": learning_rate(s),
+            "final_lr": opt.param_groups[0]["lr"],
             "batch_tokens": BATCH_TOKENS, "shards": len(shards), "loss_by_epoch": curve,
             "loss": "relative squared error" if s.weighting == "inverse_norm" else "squared error",
             "initialised_from_layer": start}
