@@ -27,7 +27,7 @@ def test_an_arm_defined_only_in_yaml_runs(tmp_path, tiny_model_dir, data_dir):
 
     result = run(load_config(PipelineConfig, tmp_path / "c.yaml"))
     root = Path(result["run_dir"])
-    assert set(result["children"]) == {"pruned", "sft", "sdd-partial-kd"}
+    assert set(result["children"]) == {"pruned", "pruned-linear", "sft", "sdd-partial-kd"}  # + _config's variant
     arm = json.loads((root / "sdd-partial-kd" / "manifest.json").read_text())
     config = arm["stage_manifest"]["config"] if "stage_manifest" in arm else arm["config"]
     assert config["method"] == "partial" and config["kd_weight"] == 0.5 and config["responses"] == "distilled"

@@ -281,7 +281,7 @@ def test_unwritable_outputs_are_refused_before_a_model_loads(tiny_model_dir, gsm
     assert f"{a_file} is a file, not a folder" in _error(capsys, [*prune, "--out", str(a_file / "child")])
     folder = tmp_path / "folder"
     folder.mkdir()
-    message = _error(capsys, ["profile", "--model", str(tiny_model_dir), "--out", str(folder)])
+    message = _error(capsys, ["profile", "--model", str(tiny_model_dir), "--seq-len", "64", "--out", str(folder)])
     assert f"--out {folder} is a folder; give a file name" in message
     read_only = [Path("/sys/selfdistill-test")] if Path("/sys").is_dir() else []  # sysfs refuses even root
     if os.geteuid() != 0:  # root writes through permission bits
