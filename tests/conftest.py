@@ -57,3 +57,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    """Any model load fails the test: the error under test must come before the first one."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)

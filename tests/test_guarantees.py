@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_errors import one_line_error
 from safetensors.torch import load_file
 
 from selfdistill.cli import main
@@ -28,26 +29,6 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZER
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-@pytest.fixture()
-def no_model_loads(monkeypatch):
-    """Any model load fails the test: the error under test must come before the first one."""
-    from transformers import AutoModelForCausalLM
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-
-
-def _error(capsys, argv: list[str]) -> str:
-    """Run the CLI in-process; it must exit 2 with exactly one `selfdistill: error:` line."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("selfdistill: error:")]
-    assert len(err) == 1, err
-    return err[0]
 
 
 def _distill_cfg(teacher, dataset, out, **kw) -> DistillConfig:
@@ -83,7 +64,7 @@ def test_prune_refuses_a_foreign_file_and_overwrites_only_when_asked(tiny_model_
     out.write_text("x\n")
     argv = ["prune", "--model", str(tiny_model_dir), "--num-layers", "2", "--calibration", str(gsm8k_train),
             "--recipe", "gsm8k", "--calibration-samples", "2", "--max-length", "32", "--out", str(out)]
-    assert "is a file, not the folder that prune writes; pass --overwrite" in _error(capsys, argv)
+    assert "is a file, not the folder that prune writes; pass --overwrite" in one_line_error(capsys, argv)
     assert out.read_text() == "x\n"
     assert main([*argv, "--overwrite"]) == 0
     assert read_manifest(out)["writer"] == "prune"
@@ -264,12 +245,12 @@ def test_bad_finetune_values_are_one_line_errors(tiny_model_dir, train_data, tmp
     for flags, message in [(["--limit", "0"], "limit must be at least 1"), (["--limit", "-2"], "limit must be"),
                            (["--learning-rate", "-1"], "learning_rate and epochs must be positive"),
                            (["--max-steps", "0"], "max_steps must be -1")]:
-        assert message in _error(capsys, base + flags)
+        assert message in one_line_error(capsys, base + flags)
     missing = tmp_path / "missing.jsonl"
-    assert f"--data {missing}: file not found" in _error(capsys, [*base[:3], "--data", str(missing), *base[5:]])
+    assert f"--data {missing}: file not found" in one_line_error(capsys, [*base[:3], "--data", str(missing), *base[5:]])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(_rows(1)[0]) + "\n" + '{"id": "r1", "messages": [], "original": "x", "response": "y"}\n')
-    assert "bad.jsonl:2: field 'messages'" in _error(capsys, [*base[:3], "--data", str(bad), *base[5:]])
+    assert "bad.jsonl:2: field 'messages'" in one_line_error(capsys, [*base[:3], "--data", str(bad), *base[5:]])
     assert not (tmp_path / "o").exists()
 
 
@@ -278,10 +259,10 @@ def test_unwritable_outputs_are_refused_before_a_model_loads(tiny_model_dir, gsm
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     prune = ["prune", "--model", str(tiny_model_dir), "--layers", "1:3"]
-    assert f"{a_file} is a file, not a folder" in _error(capsys, [*prune, "--out", str(a_file / "child")])
+    assert f"{a_file} is a file, not a folder" in one_line_error(capsys, [*prune, "--out", str(a_file / "child")])
     folder = tmp_path / "folder"
     folder.mkdir()
-    message = _error(capsys, ["profile", "--model", str(tiny_model_dir), "--seq-len", "64", "--out", str(folder)])
+    message = one_line_error(capsys, ["profile", "--model", str(tiny_model_dir), "--seq-len", "64", "--out", str(folder)])
     assert f"--out {folder} is a folder; give a file name" in message
     read_only = [Path("/sys/selfdistill-test")] if Path("/sys").is_dir() else []  # sysfs refuses even root
     if os.geteuid() != 0:  # root writes through permission bits
@@ -290,14 +271,14 @@ def test_unwritable_outputs_are_refused_before_a_model_loads(tiny_model_dir, gsm
         read_only.append(locked)
     for parent in read_only:
         out = parent / "d.jsonl"
-        message = _error(capsys, ["distill", "--teacher", str(tiny_model_dir), "--dataset", str(gsm8k_train),
+        message = one_line_error(capsys, ["distill", "--teacher", str(tiny_model_dir), "--dataset", str(gsm8k_train),
                                   "--limit", "1", "--out", str(out)])
         assert f"cannot write --out {out}: folder" in message and "is not writable" in message
 
 
 def test_inputs_are_checked_before_a_model_loads(tiny_model_dir, gsm8k_train, tmp_path, capsys, no_model_loads):
     missing = tmp_path / "missing.jsonl"
-    message = _error(capsys, ["prune", "--model", str(tiny_model_dir), "--num-layers", "2", "--calibration",
+    message = one_line_error(capsys, ["prune", "--model", str(tiny_model_dir), "--num-layers", "2", "--calibration",
                               str(missing), "--out", str(tmp_path / "p")])
     assert f"dataset not found: {missing}" in message
     other = tmp_path / "other-vocab"
@@ -307,12 +288,12 @@ def test_inputs_are_checked_before_a_model_loads(tiny_model_dir, gsm8k_train, tm
     vocab = data["model"]["vocab"]
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
     tok_file.write_text(json.dumps(data))
-    message = _error(capsys, ["speculate", "--target", str(tiny_model_dir), "--draft", str(other), "--prompts",
+    message = one_line_error(capsys, ["speculate", "--target", str(tiny_model_dir), "--draft", str(other), "--prompts",
                               str(gsm8k_train), "--recipe", "gsm8k", "--limit", "1"])
     assert f"draft '{other}' has a different tokenizer" in message
     not_a_run = tmp_path / "not-a-run"
     not_a_run.mkdir()
-    assert "is not a run directory" in _error(capsys, ["report", str(not_a_run)])
+    assert "is not a run directory" in one_line_error(capsys, ["report", str(not_a_run)])
     assert not (not_a_run / "report").exists()
 
 

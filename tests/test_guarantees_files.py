@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_errors import one_line_error
 from safetensors.torch import load_file
 from tiny import save_tiny
 
@@ -18,27 +19,6 @@ from selfdistill.cli import main
 from selfdistill.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-@pytest.fixture()
-def no_model_loads(monkeypatch):
-    """Any model load fails the test: the error under test must come before the first one."""
-    from transformers import AutoModelForCausalLM
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-
-
-def _error(capsys, argv: list[str]) -> str:
-    """Run the CLI in-process; it must exit 2 with one `selfdistill: error:` line and no traceback."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("selfdistill: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _md5s(folder: Path) -> dict[str, str]:
@@ -76,13 +56,13 @@ def test_an_output_on_an_input_is_refused_and_the_input_kept(model, gsm8k_train,
     assert main(["prune", "--model", str(model), "--layers", "1:3", "--out", str(child)]) == 0
     before, model_before = _md5s(child), _md5s(model)
     prune = ["prune", "--model", str(child), "--layers", "1:2", "--out"]
-    assert f"--out {child} is the input --model {child}" in _error(capsys, [*prune, str(child)])
-    assert f"lies inside the input --model {child}" in _error(capsys, [*prune, str(child / "grandchild")])
-    assert f"--out {tmp_path} contains the input --model {child}" in _error(capsys, [*prune, str(tmp_path)])
-    message = _error(capsys, ["distill", "--teacher", str(child), "--dataset", str(gsm8k_train), "--limit", "1",
+    assert f"--out {child} is the input --model {child}" in one_line_error(capsys, [*prune, str(child)])
+    assert f"lies inside the input --model {child}" in one_line_error(capsys, [*prune, str(child / "grandchild")])
+    assert f"--out {tmp_path} contains the input --model {child}" in one_line_error(capsys, [*prune, str(tmp_path)])
+    message = one_line_error(capsys, ["distill", "--teacher", str(child), "--dataset", str(gsm8k_train), "--limit", "1",
                               "--out", str(child / "d.jsonl")])
     assert "lies inside the input --teacher" in message
-    message = _error(capsys, ["evaluate", "--model", str(model), "--out", str(model)])
+    message = one_line_error(capsys, ["evaluate", "--model", str(model), "--out", str(model)])
     assert "is the input --model" in message
     assert _md5s(child) == before and _md5s(model) == model_before
 
@@ -94,21 +74,21 @@ def test_the_run_log_stays_in_the_output_and_bad_input_leaves_none(model, tmp_pa
     mine = tmp_path / "run.log"  # the user's own file, beside --out
     mine.write_text("my notes\n")
     child = tmp_path / "child"
-    _error(capsys, ["prune", "--model", str(tmp_path / "missing"), "--layers", "1:3", "--out", str(child)])
+    one_line_error(capsys, ["prune", "--model", str(tmp_path / "missing"), "--layers", "1:3", "--out", str(child)])
     assert not child.exists() and mine.read_text() == "my notes\n"
     assert main(["prune", "--model", str(model), "--layers", "1:3", "--out", str(child)]) == 0
     assert mine.read_text() == "my notes\n"
     log = (child / "run.log").read_text()
     assert "selfdistill.console: prune ..." in log and "prune done in" in log
     before = _md5s(child)
-    assert "past the model's 6 layers" in _error(capsys, ["prune", "--model", str(model), "--layers", "1:9",
+    assert "past the model's 6 layers" in one_line_error(capsys, ["prune", "--model", str(model), "--layers", "1:9",
                                                           "--out", str(child)])
     assert _md5s(child) == before  # the refused rerun's lines are taken back from our own log too
     not_a_run = tmp_path / "not-a-run"
     not_a_run.mkdir()
-    assert "is not a run directory" in _error(capsys, ["report", str(not_a_run)])
+    assert "is not a run directory" in one_line_error(capsys, ["report", str(not_a_run)])
     assert list(not_a_run.iterdir()) == []  # no run.log inside an input folder
-    assert "run directory not found" in _error(capsys, ["report", str(tmp_path / "gone")])
+    assert "run directory not found" in one_line_error(capsys, ["report", str(tmp_path / "gone")])
     assert not (tmp_path / "gone").exists()  # nor a folder made to hold one
 
 
@@ -150,7 +130,7 @@ def test_run_refuses_an_unrelated_run_dir(model, gsm8k_train, tmp_path):
 
 def test_a_pickle_holding_more_than_tensors_is_one_line(model, tmp_path, capsys):
     pickled = _pickled(model, tmp_path / "pickled", extra=True)
-    message = _error(capsys, ["prune", "--model", str(pickled), "--allow-pickle", "--layers", "1:3",
+    message = one_line_error(capsys, ["prune", "--model", str(pickled), "--allow-pickle", "--layers", "1:3",
                               "--out", str(tmp_path / "child")])
     assert "its pickle weights hold more than tensors; --allow-pickle loads tensors only" in message
     assert not (tmp_path / "child").exists()
@@ -159,9 +139,9 @@ def test_a_pickle_holding_more_than_tensors_is_one_line(model, tmp_path, capsys)
 def test_evaluate_and_merge_take_the_allow_pickle_they_advise(model, tmp_path, capsys):
     a, b = _pickled(model, tmp_path / "a"), _pickled(model, tmp_path / "b")
     evaluate = ["evaluate", "--model", str(a), "--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "e")]
-    assert "pass --allow-pickle" in _error(capsys, evaluate)
-    assert "--data-dir" in _error(capsys, [*evaluate, "--allow-pickle"])  # the model passed; the data is next
-    assert "pass --allow-pickle" in _error(capsys, ["merge", "--models", str(a), str(b), "--out", str(tmp_path / "m")])
+    assert "pass --allow-pickle" in one_line_error(capsys, evaluate)
+    assert "--data-dir" in one_line_error(capsys, [*evaluate, "--allow-pickle"])  # the model passed; the data is next
+    assert "pass --allow-pickle" in one_line_error(capsys, ["merge", "--models", str(a), str(b), "--out", str(tmp_path / "m")])
     assert main(["merge", "--models", str(a), str(b), "--allow-pickle", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
@@ -171,9 +151,9 @@ def test_evaluate_and_merge_take_the_allow_pickle_they_advise(model, tmp_path, c
 
 def test_an_output_name_too_long_is_one_line(model, gsm8k_train, tmp_path, capsys, no_model_loads):
     long = tmp_path / ("x" * 300)
-    message = _error(capsys, ["prune", "--model", str(model), "--layers", "1:3", "--out", str(long)])
+    message = one_line_error(capsys, ["prune", "--model", str(model), "--layers", "1:3", "--out", str(long)])
     assert f"cannot write --out {long}: File name too long" in message
-    message = _error(capsys, ["distill", "--teacher", str(model), "--dataset", str(gsm8k_train), "--limit", "1",
+    message = one_line_error(capsys, ["distill", "--teacher", str(model), "--dataset", str(gsm8k_train), "--limit", "1",
                               "--out", str(long)])
     assert "File name too long" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
@@ -183,15 +163,15 @@ def test_an_output_name_too_long_is_one_line(model, gsm8k_train, tmp_path, capsy
 
 
 def test_a_reversed_layer_range_says_start_must_be_below_end(model, tmp_path, capsys, no_model_loads):
-    message = _error(capsys, ["prune", "--model", str(model), "--layers", "5:3", "--out", str(tmp_path / "c")])
+    message = one_line_error(capsys, ["prune", "--model", str(model), "--layers", "5:3", "--out", str(tmp_path / "c")])
     assert "--layers 5:3: START must be below END" in message and "9223372036854775807" not in message
 
 
 def test_evaluate_names_a_bad_model_before_the_data_dir(model, tmp_path, capsys, no_model_loads):
     no_data = ["--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "e")]
-    assert "model not found" in _error(capsys, ["evaluate", "--model", str(tmp_path / "missing"), *no_data])
+    assert "model not found" in one_line_error(capsys, ["evaluate", "--model", str(tmp_path / "missing"), *no_data])
     pickled = _pickled(model, tmp_path / "pickled")
-    assert "holds only pickle weights" in _error(capsys, ["evaluate", "--model", str(pickled), *no_data])
+    assert "holds only pickle weights" in one_line_error(capsys, ["evaluate", "--model", str(pickled), *no_data])
 
 
 # 13. A child names no custom code it does not run; merge names the first real difference --------------------
@@ -202,7 +182,7 @@ def test_children_drop_auto_map_and_merge_names_the_layer_count(model, tmp_path,
     assert main(["prune", "--model", str(parent), "--layers", "1:3", "--out", str(tmp_path / "child")]) == 0
     assert "auto_map" not in json.loads((tmp_path / "child" / "config.json").read_text())
     other = _with_config(save_tiny(tmp_path / "other", layers=4), auto_map={"AutoModelForCausalLM": "modeling_b.B"})
-    message = _error(capsys, ["merge", "--models", str(parent), str(other), "--out", str(tmp_path / "m")])
+    message = one_line_error(capsys, ["merge", "--models", str(parent), str(other), "--out", str(tmp_path / "m")])
     assert "config 'num_hidden_layers' differs (6 vs 4)" in message
 
 
