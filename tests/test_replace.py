@@ -151,6 +151,7 @@ def test_ffn_child_reloads_with_from_pretrained_and_matches_the_trained_stand_in
     assert not list(tmp_path.glob(".repair-cache-*"))  # the shards are removed
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 5 and config["removed_layers"] == [2, 3]
+    assert result["layers_after"] == report["layers_after"] == 5  # the stand-in is a layer of its own
     assert result["parameters_after"] > prune(PruneConfig(**{**cfg.__dict__, "replace": "none",
                                                              "out": str(tmp_path / "plain")}))["parameters_after"]
     assert _heldout_loss(out, calib, cfg) == pytest.approx(record["heldout_loss_replaced"], abs=1e-4)

@@ -188,9 +188,10 @@ def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
     cut(model, removed, repair)
     model.config.pruned_from = str(cfg.model)
     after = count_parameters(model)
+    kept = len(decoder_layers(model))  # total - n, or one more with an ffn stand-in
     report = _report(cfg, total, n, removed, scores, before, after, data, check)
-    report["replacement"] = replacement
-    card = {"title": f"{Path(str(cfg.model)).name} pruned to {total - n} layers", "pruned_from": str(cfg.model),
+    report.update(layers_after=kept, replacement=replacement)
+    card = {"title": f"{Path(str(cfg.model)).name} pruned to {kept} layers", "pruned_from": str(cfg.model),
             "removed_layers": format_range(removed), "scorer": cfg.scorer if scores else "explicit range",
             "calibration": cfg.calibration, "parameters": f"{before['total']:,} -> {after['total']:,}"}
     if replacement is not None:
@@ -205,9 +206,9 @@ def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
         inputs = {"calibration": cfg.calibration} if cfg.calibration and Path(cfg.calibration).exists() else {}
         write_manifest(tmp, config=to_dict(cfg), inputs=inputs, seed=cfg.seed, started=started, writer="prune")
     log.info("pruned %s: removed %s -> %d layers, %s -> %s parameters, saved to %s", cfg.model,
-             format_range(removed), total - n, f"{before['total']:,}", f"{after['total']:,}", cfg.out)
+             format_range(removed), kept, f"{before['total']:,}", f"{after['total']:,}", cfg.out)
     return {"out": cfg.out, "removed_layers": removed, "removed": format_range(removed),
-            "layers_before": total, "layers_after": total - n,
+            "layers_before": total, "layers_after": kept,
             "parameters_before": before["total"], "parameters_after": after["total"],
             "flops_reduction": report["flops_per_token"]["reduction"],
             "warning": check["warning"] if check else None,
