@@ -26,6 +26,7 @@ from selfdistill.guard import lock_run_dir
 from selfdistill.models import DEFAULT_MODEL
 from selfdistill.overlap import refuse_overlap
 from selfdistill.paths import default_data_dir
+from selfdistill.pipeline_cuts import child_labels, cut_folder, variant_names, variant_settings
 from selfdistill.pipeline_data import DatasetSpec, measured_sets, resolve_dataset, training_file_name, write_training_file
 from selfdistill.rundir import atomic_write_text
 from selfdistill.stages import BY_NAME, NAMES, TABLE, Plan, Step, section_config, stage_dir, stage_output
@@ -92,15 +93,12 @@ class _Settings:
                              "drift_prompts / speculate.limit measure")
 
     def _check_variants(self) -> None:
-        names = [v.get("name") if isinstance(v, dict) else None for v in self.prune_variants]
-        if not all(isinstance(n, str) and n.replace("-", "").isalnum() for n in names) or len(set(names)) < len(names):
-            raise ValueError("every prune variant is a mapping with a unique name of letters, digits and '-'")
+        names = variant_names(self.prune_variants)
         for variant in self.prune_variants:
-            stage_config(self, "prune", _variant_settings(variant), **BY_NAME["prune"].fills)
+            stage_config(self, "prune", variant_settings(variant), **BY_NAME["prune"].fills)
         if self.recover_from and self.recover_from not in names:
             raise ValueError(f"recover_from '{self.recover_from}' is not a prune variant ({', '.join(names) or 'none'})")
-        children = ["pruned", *(f"pruned-{n}" for n in names), *(a.name for a in self.resolved_arms()),
-                    *(["merged"] if self.merge_children and len(self.datasets) >= 2 else [])]
+        children = child_labels(self)
         unknown = [c for c in self.speculate_only if c not in children]
         if unknown:
             raise ValueError(f"speculate_only: '{unknown[0]}' is not a child of this run ({', '.join(children)})")
@@ -181,10 +179,10 @@ def _method(s: _Steps) -> dict[str, str]:
     cfg = s.cfg
     evaluation = {"data_dir": str(s.data_dir or ""), "seed": cfg.seed}
     # 1-2. Prune: score blocks on the first dataset's text, remove the most redundant one.
-    children = {"pruned": _prune(s)}
+    children = {cut_folder(""): _prune(s)}
     for variant in cfg.prune_variants:  # other blocks or repairs of the cut, each a child of its own
-        children[f"pruned-{variant['name']}"] = _prune(s, variant)
-    s.base = f"pruned-{cfg.recover_from}" if cfg.recover_from else "pruned"
+        children[cut_folder(variant["name"])] = _prune(s, variant)
+    s.base = cut_folder(cfg.recover_from)
     # 3. Self-data distillation: the *unpruned* parent rewrites each dataset's answers, verified (those an arm reads).
     merging = cfg.merge_children and len(cfg.datasets) >= 2
     needed = {n for arm in cfg.resolved_arms() for n in arm.data} | {d.name for d in cfg.datasets[:2] if merging}
@@ -205,7 +203,7 @@ def _method(s: _Steps) -> dict[str, str]:
     # 7-8. How far each child moved from its parent, and how well it drafts for it, on rows no arm trained on.
     _measure(s, children, made)
     # 9. Cost: parameters, FLOPs and latency of the parent and of the pruned shape (every child shares it).
-    shapes = ["pruned", *(f"pruned-{v['name']}" for v in cfg.prune_variants if v.get("replace") == "ffn")]
+    shapes = [cut_folder(""), *(cut_folder(v["name"]) for v in cfg.prune_variants if v.get("replace") == "ffn")]
     s.add("profile", model=[cfg.parent, *(children[c] for c in shapes)], out=stage_output(s.root, "profile"),
           after=tuple(shapes))
     # 10. One report over everything above.
@@ -216,15 +214,11 @@ def _method(s: _Steps) -> dict[str, str]:
 def _prune(s: _Steps, variant: dict[str, Any] | None = None) -> str:
     """The calibration text is the first dataset's, unless the prune section (or the variant) names other data."""
     first, local = s.cfg.datasets[0], _local_sources(s)
-    section = {**s.cfg.section("prune"), **_variant_settings(variant or {})}
-    folder = f"pruned-{variant['name']}" if variant else BY_NAME["prune"].folder
-    return s.add("prune", folder, _variant_settings(variant or {}), model=s.cfg.parent,
+    section = {**s.cfg.section("prune"), **variant_settings(variant or {})}
+    folder = cut_folder(variant["name"] if variant else "")
+    return s.add("prune", folder, variant_settings(variant or {}), model=s.cfg.parent,
                  calibration=section.get("calibration") or s.sources[first.name],
                  recipe=section.get("recipe") or first.recipe, seed=s.cfg.seed, out=s.root / folder, external=local)
-
-
-def _variant_settings(variant: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in variant.items() if k != "name"}
 
 
 def _distill(s: _Steps, d: DatasetSpec) -> Path:

@@ -29,8 +29,8 @@ from selfdistill.models import (
     write_model,
 )
 from selfdistill.prune import calibration
-from selfdistill.prune.analysis import analysis_key, load_analysis, store_analysis
-from selfdistill.prune.candidates import cheapest_starts, check_candidates
+from selfdistill.prune.analysis import block_analysis
+from selfdistill.prune.candidates import cheapest_starts
 from selfdistill.prune.plot import plot_scores
 from selfdistill.prune.repair import contiguous_block, cut, repair_block
 from selfdistill.prune.replace import METHODS, WEIGHTINGS, RepairSettings
@@ -176,7 +176,7 @@ def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
     n, explicit = choose_block(cfg, total)
     data = calibration_data(cfg, tok, device, rows) if rows is not None else None
     every = cfg.select_by in ("heldout_loss_all", "replaced_loss") and explicit is None
-    scores, check = _analysis(cfg, model, data, n, explicit, every, device)
+    scores, check = block_analysis(cfg, model, data, n, explicit, every, device)
     removed = explicit if explicit is not None else scores.removed
     if explicit is None and cfg.select_by in ("heldout_loss", "heldout_loss_all") and check:
         removed = list(range(check["best_start"], check["best_start"] + n))
@@ -216,32 +216,18 @@ def _prune(cfg: PruneConfig, started: float) -> dict[str, Any]:
                 "method", "applied", "heldout_loss_plain", "heldout_loss_replaced")}}
 
 
-def _analysis(cfg: PruneConfig, model: Any, data: calibration.Calibration | None, n: int, explicit: list[int] | None,
-              every: bool, device: str) -> tuple[LayerScores | None, dict[str, Any] | None]:
-    """Every block's score and the held-out check of the candidates (cached: variants share them)."""
-    if data is None:
-        return None, None
-    key = analysis_key(cfg, n, every, device) if explicit is None else None
-    hit = load_analysis(key)
-    if hit is not None:
-        return hit
-    scores = SCORERS[cfg.scorer](model, data.batches, n)
-    removed = explicit if explicit is not None else scores.removed
-    check = check_candidates(model, scores, removed, data.heldout, None if every else cfg.candidates)
-    store_analysis(key, scores, check)
-    return scores, check
-
-
 def _repair(cfg: PruneConfig, model: Any, tok: Any, device: str, sources: tuple[Any, Any, Any], removed: list[int],
             check: dict[str, Any] | None, explicit: list[int] | None) -> tuple[Any, list[int], dict[str, Any]]:
-    """Fit the repair (on the chosen block, or on each of the cheapest few under replaced_loss)."""
+    """Fit the repair (on the chosen block, or on each of the cheapest few under replaced_loss); the plain
+    cuts' loss on the held-out rows is the block check's, which skipped the same blocks on the same rows."""
     start, n = contiguous_block(removed, cfg.replace)
     fit, heldout = repair_data(cfg, tok, device, *sources)
     starts = [start]
     if cfg.select_by == "replaced_loss" and explicit is None and check:
         starts = cheapest_starts(check, cfg.candidates)
+    known = {c["start"]: check["base_loss"] + c["heldout_loss_increase"] for c in check["candidates"]} if check else {}
     repair, start, record = repair_block(model, fit, heldout, starts, n, cfg.repair_settings(),
-                                         Path(cfg.out).expanduser().absolute().parent)
+                                         Path(cfg.out).expanduser().absolute().parent, known)
     return repair, list(range(start, start + n)), record
 
 

@@ -1,9 +1,10 @@
 """The block analysis (every block's score and the held-out check) cached by everything it depends on.
 
-Prune variants of one parent on one calibration set (another repair, another `select_by`) need the same
-scores; a study cutting eight children would otherwise score the same 256 rows eight times. The key holds
-the model's and the calibration file's contents, every setting that shapes the analysis and the analysis
-code; a model or data source that is not a local path (a hub id) is not cached.
+`block_analysis` scores every block and checks the candidates on held-out rows. Prune variants of one parent
+on one calibration set (another repair, another `select_by`) need the same scores; a study cutting eight
+children would otherwise score the same 256 rows eight times. The key holds the model's and the calibration
+file's contents, every setting that shapes the analysis and the analysis code; a model or data source that is
+not a local path (a hub id) is not cached.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.models import cache_dir, resolve_model
-from selfdistill.prune.scoring import LayerScores
+from selfdistill.prune.candidates import check_candidates
+from selfdistill.prune.scoring import SCORERS, LayerScores
 from selfdistill.rundir import atomic_write_json, hash_path
 
 log = logging.getLogger(__name__)
@@ -56,3 +58,19 @@ def load_analysis(key: str | None) -> tuple[LayerScores, dict[str, Any] | None] 
 def store_analysis(key: str | None, scores: LayerScores, check: dict[str, Any] | None) -> None:
     if key is not None:
         atomic_write_json(_path(key), {"scores": dataclasses.asdict(scores), "check": check})
+
+
+def block_analysis(cfg: Any, model: Any, data: Any, n: int, explicit: list[int] | None,
+                   every: bool, device: str) -> tuple[LayerScores | None, dict[str, Any] | None]:
+    """Every block's score and the held-out check of the candidates (cached: variants share them)."""
+    if data is None:
+        return None, None
+    key = analysis_key(cfg, n, every, device) if explicit is None else None
+    hit = load_analysis(key)
+    if hit is not None:
+        return hit
+    scores = SCORERS[cfg.scorer](model, data.batches, n)
+    removed = explicit if explicit is not None else scores.removed
+    check = check_candidates(model, scores, removed, data.heldout, None if every else cfg.candidates)
+    store_analysis(key, scores, check)
+    return scores, check

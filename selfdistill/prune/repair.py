@@ -79,12 +79,14 @@ def repaired_loss(model: Any, heldout: list[Batch], repair: Repair) -> float:
         return loss_without_block(model, heldout, repair.start, repair.n)
 
 
-def checked(model: Any, heldout: list[Batch], repair: Repair) -> dict[str, Any]:
-    """The held-out losses of the plain cut and the repaired child; whether the repair is to be applied."""
+def checked(model: Any, heldout: list[Batch], repair: Repair, plain: float | None = None) -> dict[str, Any]:
+    """The held-out losses of the plain cut (`plain` when the block check already measured it) and the
+    repaired child; whether the repair is to be applied."""
     if not heldout:
         log.warning("repair: no held-out rows (heldout_samples 0), so the repair is applied unchecked")
         return {"heldout_loss_plain": None, "heldout_loss_replaced": None, "applied": True}
-    plain = loss_without_block(model, heldout, repair.start, repair.n)
+    if plain is None:
+        plain = loss_without_block(model, heldout, repair.start, repair.n)
     fixed = repaired_loss(model, heldout, repair)
     applied = fixed < plain
     if not applied:
@@ -111,7 +113,8 @@ def cut(model: Any, removed: list[int], repair: Repair | None) -> None:
 
 
 def repair_block(model: Any, fit: list[Batch], heldout: list[Batch], starts: list[int], n: int,
-                 s: RepairSettings, scratch_beside: Path) -> tuple[Repair | None, int, dict[str, Any]]:
+                 s: RepairSettings, scratch_beside: Path,
+                 plain_losses: dict[int, float] | None = None) -> tuple[Repair | None, int, dict[str, Any]]:
     """Fit the repair for each start in `starts` (one, or the few cheapest blocks under select_by
     replaced_loss), check each on the held-out rows, and keep the block whose repaired child loses least.
 
@@ -127,7 +130,7 @@ def repair_block(model: Any, fit: list[Batch], heldout: list[Batch], starts: lis
             repair = fit_repair(model, fit, start, n, s, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        tried.append((repair, checked(model, heldout, repair)))
+        tried.append((repair, checked(model, heldout, repair, (plain_losses or {}).get(start))))
     if not tried:
         raise UserError(f"replace {s.method}: no candidate block can be repaired (every one starts at layer 0)")
     repair, result = min(tried, key=lambda t: _rank(t[1]))
