@@ -125,6 +125,19 @@ def test_perplexity_retention_is_parent_over_child_with_an_interval(tmp_path, ti
     assert kid["retention_ci95"] is not None and "perplexity" in (out / "scores.md").read_text()
 
 
+def test_a_perplexity_only_evaluation_shows_its_perplexities_not_an_empty_accuracy_table(tmp_path, tiny_model_dir,
+                                                                                       small_data):
+    data, _, _ = small_data
+    child = save_tiny(tmp_path / "child", layers=4, seed=1)
+    out = tmp_path / "ev"
+    result = evaluate(EvalConfig(model=[str(child)], baseline=str(tiny_model_dir), preset="cpu", tasks=["wikitext"],
+                                 data_dir=str(data), batch_size=4, dtype="float32", bootstrap_iters=100, out=str(out)))
+    text = (out / "scores.md").read_text()
+    assert "| average |" not in text and "wikitext (word_perplexity)" in text
+    assert "average" not in result and result["perplexity_retention"][str(child)]["wikitext"] > 0
+    assert (out / "scores.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize(("which", "content", "message"), [
     ("lambada", '{"text": "one two three"}\n{"txt": "no text field"}\n', "lambada_test.jsonl:2: field 'text'"),
     ("lambada", '{"text": "one two"}\nnot json\n', "lambada_test.jsonl:2: not a JSON object"),

@@ -236,6 +236,18 @@ def _evaluate_all(cfg: EvalConfig, specs: dict[str, TaskSpec], data_dir: Path | 
     bar_chart(scores, out / "scores.png")
     write_manifest(out, config=to_dict(cfg), inputs={n: p for n, p in paths.items() if Path(p).exists()},
                    seed=cfg.seed, started=started, writer="evaluate")
-    return _finite({"out": str(out), "average": {n: m["average"] for n, m in scores["models"].items()},
-                    "retention": {n: m.get("retention") for n, m in scores["models"].items()},
-                    "chance_tasks": scores.get("chance_tasks", [])})
+    return _finite(_summary(out, scores))
+
+
+def _summary(out: Path, scores: dict[str, Any]) -> dict[str, Any]:
+    """What the command prints: each model's accuracy retention and perplexity retention, where it has them."""
+    models = scores["models"]
+    summary: dict[str, Any] = {"out": str(out)}
+    if scores["tasks"]:
+        summary |= {"average": {n: m["average"] for n, m in models.items()},
+                    "retention": {n: m.get("retention") for n, m in models.items()},
+                    "chance_tasks": scores.get("chance_tasks", [])}
+    if scores.get("perplexity_tasks"):
+        summary["perplexity_retention"] = {n: {t: r["retention"] for t, r in m["perplexity_retention"].items()}
+                                           for n, m in models.items() if m.get("perplexity_retention")}
+    return summary

@@ -18,6 +18,8 @@ def distinct_pairs(scores: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(scores: dict[str, Any]) -> str:
     models, tasks = scores["models"], scores["tasks"]
+    if not tasks:  # perplexity tasks only (e.g. --tasks wikitext): no accuracy table of dashes
+        return perplexity_markdown(scores).lstrip("\n")
     flagged = set(scores.get("chance_tasks", []))
     head = ["model", *[t + (" ⚠" if t in flagged else "") for t in tasks], "average", "retention",
             "chance-corr.", "retention (signal)"]
@@ -74,6 +76,8 @@ def bar_chart(scores: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     tasks, models = scores["tasks"], list(scores["models"])
+    if not tasks:
+        return _perplexity_chart(scores, path)
     x = np.arange(len(tasks))
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
@@ -89,6 +93,34 @@ def bar_chart(scores: dict[str, Any], path: Path) -> None:
     ax.set_xticks(x, tasks, rotation=20)
     ax.set_ylabel("score (%)")
     ax.set_title("lm-eval scores (dashed: chance)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def _perplexity_chart(scores: dict[str, Any], path: Path) -> None:
+    """With only language-modelling tasks: each model's perplexity retention per task, with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks, models = scores.get("perplexity_tasks") or [], list(scores["models"])
+    x = np.arange(len(tasks))
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
+    for i, name in enumerate(models):
+        rets = [(scores["models"][name].get("perplexity_retention") or {}).get(t) or {} for t in tasks]
+        vals = [r.get("retention") or 0.0 for r in rets]
+        cis = [r.get("ci95") if r.get("ci95") and None not in r["ci95"] else (v, v) for r, v in zip(rets, vals)]
+        errs = [[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]]
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, yerr=errs, capsize=2, label=Path(name).name)
+    ax.set_xticks(x, tasks)
+    ax.set_ylabel("perplexity retention (%)")
+    ax.set_title("parent ppl / model ppl (95 % interval over documents)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
