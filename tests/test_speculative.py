@@ -144,7 +144,16 @@ def test_stage_two_drafts_table_and_json(tiny_model_dir, tmp_path):
     assert self_row["target_forward_passes"] < child_row["target_forward_passes"]
     saved = json.loads(out.read_text())
     assert saved["drafts"][1]["num_drafts"] == child_row["num_drafts"]
-    assert "| " + str(child) in out.with_suffix(".md").read_text()
+    for row in saved["drafts"]:  # the per-prompt counts add up to the totals the intervals are drawn around
+        assert len(row["per_prompt"]["drafts"]) == 3 and sum(row["per_prompt"]["drafts"]) == row["num_drafts"]
+        assert sum(row["per_prompt"]["accepted"]) == row["num_accepted_tokens"]
+        lo, hi = row["mean_acceptance_length_ci95"]
+        assert lo <= row["mean_acceptance_length"] <= hi
+    (ratio,) = saved["comparisons"]
+    assert ratio["draft"] == str(child) and ratio["against"] == str(tiny_model_dir)
+    assert ratio["mal_ratio"] == pytest.approx(1.0 / self_row["mean_acceptance_length"])
+    md = out.with_suffix(".md").read_text()
+    assert "| " + str(child) in md and "MAL of " in md
 
 
 def test_bad_input(tiny_model_dir, tmp_path):
@@ -191,3 +200,27 @@ def test_reference_ignores_the_checkpoints_sampling_settings():
     assert _hf_generate(model, [100, 3, 77], cfg, {2}, 2) == reference
     assert _hf_generate(model, [100, 3, 77], cfg, {2}, 2, assistant=lively(make_model(layers=2), 1)) == reference
     assert model.generation_config.repetition_penalty == 3.0  # restored afterwards
+
+
+def test_mal_interval_resamples_prompts_and_brackets_the_estimate():
+    from selfdistill.speculative.intervals import mal_interval
+
+    same = {"drafts": [10] * 8, "accepted": [20] * 8}  # every prompt has MAL 3: nothing varies
+    assert mal_interval(same) == [3.0, 3.0]
+    mixed = {"drafts": [10, 10, 10, 10, 5, 5, 5, 5], "accepted": [0, 0, 0, 0, 20, 20, 20, 20]}
+    point = 1 + 80 / 60
+    lo, hi = mal_interval(mixed)
+    assert 1.0 < lo < point < hi < 5.0  # a ratio of sums, not a mean of per-prompt MALs (which is 3.0)
+
+
+def test_mal_ratio_is_paired_over_prompts():
+    from selfdistill.speculative.intervals import mal_ratio
+
+    base = {"drafts": [10, 4, 7, 12, 3, 9], "accepted": [5, 8, 1, 20, 0, 9]}
+    better = {"drafts": base["drafts"], "accepted": [a + d // 2 for a, d in zip(base["accepted"], base["drafts"])]}
+    same = mal_ratio(base, base)
+    assert same["mal_ratio"] == 1.0 and same["ci95"] == [1.0, 1.0]  # paired: a draft against itself never moves
+    up = mal_ratio(better, base)
+    assert up["mal_ratio"] > 1 and up["ci95"][0] > 1.0  # better on every prompt: the interval excludes 1
+    with pytest.raises(ValueError, match="same prompts"):
+        mal_ratio(base, {"drafts": [1], "accepted": [1]})

@@ -165,15 +165,19 @@ def _speculate_blocks(run: Path) -> list[Block]:
     spec = _read(stage_output(run, "speculate"))
     if not spec:
         return []
-    rows = [[_label(d["draft"]), fmt(d["draft_acceptance_rate"], 3), fmt(d["mean_acceptance_length"], 2),
+    from selfdistill.speculative import comparison_lines, mal_text
+
+    rows = [[_label(d["draft"]), fmt(d["draft_acceptance_rate"], 3), mal_text(d),
              " ".join(f"{a:.2f}" for a in d["acceptance_per_position"]), d["target_forward_passes"],
              fmt(d.get("speedup_ours"), 2), fmt(d.get("speedup_hf_assisted"), 2),
              "yes" if d["lossless"] else "NO"] for d in spec["drafts"]]
-    return [("h2", "Children as speculative drafts"), ("p", (
+    blocks: list[Block] = [("h2", "Children as speculative drafts"), ("p", (
         f"Greedy draft-then-verify, k = {spec['k']}, {spec['prompts']} prompts, up to {spec['max_new_tokens']} new "
-        "tokens; MAL = tokens emitted per target forward pass. Speed-ups are wall-clock against the target alone.")),
-            ("table", ["draft", "acceptance rate", "MAL", "acceptance by position", "target passes",
-                       "speed-up (ours)", "speed-up (HF assisted)", "lossless"], rows)]
+        "tokens; MAL = tokens emitted per target forward pass, with its 95 % interval over prompts. Speed-ups "
+        "are wall-clock against the target alone.")),
+        ("table", ["draft", "acceptance rate", "MAL", "acceptance by position", "target passes",
+                   "speed-up (ours)", "speed-up (HF assisted)", "lossless"], rows)]
+    return blocks + [("p", line + ".") for line in comparison_lines(spec, _label)]
 
 
 def _stage_times(run: Path) -> list[Block]:

@@ -21,6 +21,7 @@ from selfdistill.errors import UserError
 from selfdistill.guard import claim_output
 from selfdistill.models import DEFAULT_MODEL, stop_token_ids
 from selfdistill.rundir import atomic_write_json, atomic_write_text
+from selfdistill.speculative.intervals import mal_interval, mal_ratio
 from selfdistill.speculative.loop import ModelRunner, SpecStats, speculative_generate
 from selfdistill.tables import fmt, markdown_table
 
@@ -127,17 +128,21 @@ def _run_draft(name: str, target: Any, prompts: list[list[int]], reference: list
     draft, tok = load_model(name, dtype=cfg.dtype, device=target.device.type)
     _check_tokenizer(name, tok, target_tok, cfg.target)
     total = SpecStats(k=cfg.k)
+    per_prompt: dict[str, list[int]] = {"drafts": [], "accepted": []}  # what the intervals resample
 
     def ours(prompt: list[int]) -> list[int]:
         tokens, stats = speculative_generate(ModelRunner(target), ModelRunner(draft), prompt, cfg.k,
                                              cfg.max_new_tokens, eos)
         total.add(stats)
+        per_prompt["drafts"].append(stats.drafts)
+        per_prompt["accepted"].append(stats.accepted)
         return tokens
 
     speculative_generate(ModelRunner(target), ModelRunner(draft), prompts[0][:8], cfg.k, 2, eos)  # warm-up
     outputs, t_loop = _timed(ours, prompts, f"speculate {Path(name).name}")
     mismatches = [i for i, (a, b) in enumerate(zip(outputs, reference)) if a != b]
     row: dict[str, Any] = {"draft": name, "layers": draft.config.num_hidden_layers, **total.summary(),
+                           "mean_acceptance_length_ci95": mal_interval(per_prompt), "per_prompt": per_prompt,
                            "lossless": not mismatches, "mismatched_prompts": mismatches,
                            "mismatch_count": len(mismatches),
                            "time_target_alone_s": t_alone, "time_ours_s": t_loop, "speedup_ours": t_alone / t_loop}
@@ -183,7 +188,7 @@ def _speculate(cfg: SpeculateConfig, prompts: list[list[int]], rows: list[str]) 
     result = {"target": cfg.target, "k": cfg.k, "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
               "prompts_source": cfg.prompts, "split": cfg.split, "offset": cfg.offset, "rows": rows,
               "dtype": cfg.dtype, "device": cfg_device, "target_tokens": sum(map(len, reference)),
-              "time_target_alone_s": t_alone, "drafts": drafts}
+              "time_target_alone_s": t_alone, "drafts": drafts, "comparisons": _comparisons(drafts)}
     if cfg.out:
         atomic_write_json(cfg.out, result)
         atomic_write_text(Path(cfg.out).with_suffix(".md"), table(result))
@@ -194,15 +199,36 @@ def _speculate(cfg: SpeculateConfig, prompts: list[list[int]], rows: list[str]) 
     return result
 
 
+def _comparisons(drafts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each later draft's MAL over the first's, paired over the prompts both decoded."""
+    first = drafts[0]
+    return [{"draft": d["draft"], "against": first["draft"], **mal_ratio(d["per_prompt"], first["per_prompt"])}
+            for d in drafts[1:]]
+
+
+def mal_text(row: dict[str, Any]) -> str:
+    """MAL with its interval over prompts, e.g. '3.17 (2.95–3.40)' (older results have no interval)."""
+    ci = row.get("mean_acceptance_length_ci95")
+    return fmt(row["mean_acceptance_length"], 2) + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
+
+
+def comparison_lines(result: dict[str, Any], label: Any = str) -> list[str]:
+    """One sentence per paired MAL comparison."""
+    return [f"MAL of {label(c['draft'])} / {label(c['against'])}: {c['mal_ratio']:.3f} "
+            f"(95 % interval over prompts {c['ci95'][0]:.3f}–{c['ci95'][1]:.3f})"
+            for c in result.get("comparisons", [])]
+
+
 def table(result: dict[str, Any]) -> str:
     """One Markdown row per draft."""
     headers = ["draft", "layers", "acceptance rate", "MAL", "per position", "target passes", "ours (s)", "speed-up",
                "HF assisted (s)", "speed-up", "lossless"]
-    rows = [[r["draft"], r["layers"], fmt(r["draft_acceptance_rate"], 3), fmt(r["mean_acceptance_length"], 2),
+    rows = [[r["draft"], r["layers"], fmt(r["draft_acceptance_rate"], 3), mal_text(r),
              " ".join(f"{a:.2f}" for a in r["acceptance_per_position"]), r["target_forward_passes"],
              fmt(r["time_ours_s"]), fmt(r["speedup_ours"], 2, unit="×"), fmt(r.get("time_hf_assisted_s")),
              fmt(r.get("speedup_hf_assisted"), 2, unit="×"), "yes" if r["lossless"] else "NO"]
             for r in result["drafts"]]
     head = (f"Target `{result['target']}`, k = {result['k']}, {result['prompts']} prompts, "
             f"{result['target_tokens']} target tokens, target alone {result['time_target_alone_s']:.1f} s.")
-    return "\n".join([head, "", *markdown_table(headers, rows)]) + "\n"
+    tail = comparison_lines(result)
+    return "\n".join([head, "", *markdown_table(headers, rows), *([""] + tail if tail else [])]) + "\n"
