@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from selfdistill.rundir import atomic_path, atomic_write_text
+from selfdistill.plotting import error_bars, perplexity_point, pyplot, save_figure
+from selfdistill.rundir import atomic_write_text
 from selfdistill.tables import MISSING, fmt, fmt_perplexity, interval, markdown_table
 
 
@@ -69,15 +70,12 @@ def write_markdown(scores: dict[str, Any], path: Path) -> None:
 
 
 def bar_chart(scores: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     tasks, models = scores["tasks"], list(scores["models"])
     if not tasks:
         return _perplexity_chart(scores, path)
+    plt = pyplot()
     x = np.arange(len(tasks))
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
@@ -92,37 +90,25 @@ def bar_chart(scores: dict[str, Any], path: Path) -> None:
             ax.hlines(first[t]["chance"] * 100, j - 0.45, j + 0.45, colors="grey", linestyles="dashed", linewidth=1)
     ax.set_xticks(x, tasks, rotation=20)
     ax.set_ylabel("score (%)")
-    ax.set_title("lm-eval scores (dashed: chance)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, ax, "lm-eval scores (dashed: chance)", path, dpi=120)
 
 
 def _perplexity_chart(scores: dict[str, Any], path: Path) -> None:
     """With only language-modelling tasks: each model's perplexity retention per task, with its interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = pyplot()
     tasks, models = scores.get("perplexity_tasks") or [], list(scores["models"])
     x = np.arange(len(tasks))
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
     for i, name in enumerate(models):
-        rets = [(scores["models"][name].get("perplexity_retention") or {}).get(t) or {} for t in tasks]
-        vals = [r.get("retention") or 0.0 for r in rets]
-        cis = [r.get("ci95") if r.get("ci95") and None not in r["ci95"] else (v, v) for r, v in zip(rets, vals)]
-        errs = [[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]]
-        ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, yerr=errs, capsize=2, label=Path(name).name)
+        points = [(t, *perplexity_point(scores["models"][name], t)) for t in tasks]
+        points = [(t, v or 0.0, ci) for t, v, ci in points]
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, [v for _, v, _ in points], width, yerr=error_bars(points),
+               capsize=2, label=Path(name).name)
     ax.set_xticks(x, tasks)
     ax.set_ylabel("perplexity retention (%)")
-    ax.set_title("parent ppl / model ppl (95 % interval over documents)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, ax, "parent ppl / model ppl (95 % interval over documents)", path, dpi=120, title_size=10)

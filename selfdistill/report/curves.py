@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from selfdistill.arms import resolve_arms
-from selfdistill.report.plots import error_bars, pyplot, retention_points, save_figure
+from selfdistill.plotting import error_bars, pyplot, save_figure
+from selfdistill.report.plots import retention_points
 from selfdistill.tables import fmt, interval
 
 Point = tuple[int, float, list[float] | None]  # rows trained on, retention, its 95 % interval

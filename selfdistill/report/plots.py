@@ -13,25 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from selfdistill.rundir import atomic_path
-
-
-def pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a CPU box or a CI runner
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
-    ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+from selfdistill.plotting import error_bars, perplexity_point, pyplot, save_figure
 
 
 def retention_key(scores: dict[str, Any]) -> tuple[str, str]:
@@ -54,21 +36,14 @@ def retention_points(scores: dict[str, Any], label: Any) -> list[tuple[str, floa
     return out
 
 
-def error_bars(points: list[tuple[str, float, list[float] | None]]) -> list[list[float]]:
-    """Matplotlib's [below, above] distances from each value to its interval's ends (0 without one)."""
-    return [[v - ci[0] if ci else 0.0 for _, v, ci in points], [ci[1] - v if ci else 0.0 for _, v, ci in points]]
-
-
 def perplexity_points(scores: dict[str, Any], task: str,
                       label: Any) -> list[tuple[str, float, list[float] | None]]:
     """(label, perplexity retention, its 95 % interval) of every child on one language-modelling task."""
     out = []
     for name, m in scores.get("models", {}).items():
-        ret = (m.get("perplexity_retention") or {}).get(task) or {}
-        if name == scores.get("baseline") or ret.get("retention") is None:
-            continue
-        ci = ret.get("ci95")
-        out.append((label(name), float(ret["retention"]), ci if ci and None not in ci else None))
+        value, ci = perplexity_point(m, task)
+        if name != scores.get("baseline") and value is not None:
+            out.append((label(name), value, ci))
     return out
 
 
