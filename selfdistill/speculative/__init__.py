@@ -127,20 +127,21 @@ def _run_draft(name: str, target: Any, prompts: list[list[int]], reference: list
 
     draft, tok = load_model(name, dtype=cfg.dtype, device=target.device.type)
     _check_tokenizer(name, tok, target_tok, cfg.target)
-    total = SpecStats(k=cfg.k)
-    per_prompt: dict[str, list[int]] = {"drafts": [], "accepted": []}  # what the intervals resample
+    prompt_stats: list[SpecStats] = []  # one per prompt: the totals add them up, the intervals resample them
 
     def ours(prompt: list[int]) -> list[int]:
         tokens, stats = speculative_generate(ModelRunner(target), ModelRunner(draft), prompt, cfg.k,
                                              cfg.max_new_tokens, eos)
-        total.add(stats)
-        per_prompt["drafts"].append(stats.drafts)
-        per_prompt["accepted"].append(stats.accepted)
+        prompt_stats.append(stats)
         return tokens
 
     speculative_generate(ModelRunner(target), ModelRunner(draft), prompts[0][:8], cfg.k, 2, eos)  # warm-up
     outputs, t_loop = _timed(ours, prompts, f"speculate {Path(name).name}")
     mismatches = [i for i, (a, b) in enumerate(zip(outputs, reference)) if a != b]
+    total = SpecStats(k=cfg.k)
+    for stats in prompt_stats:
+        total.add(stats)
+    per_prompt = {"drafts": [s.drafts for s in prompt_stats], "accepted": [s.accepted for s in prompt_stats]}
     row: dict[str, Any] = {"draft": name, "layers": draft.config.num_hidden_layers, **total.summary(),
                            "mean_acceptance_length_ci95": mal_interval(per_prompt), "per_prompt": per_prompt,
                            "lossless": not mismatches, "mismatched_prompts": mismatches,
